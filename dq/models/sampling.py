@@ -1,0 +1,96 @@
+"""Sampling loops on diffusers schedulers, shared by evaluation and calibration.
+
+Image i of a run starts from noise drawn from a generator seeded with (seed, i) alone, so the
+images do not depend on batch size or on how generation is sharded across processes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from tqdm import tqdm
+
+from dq.errors import DQError, choice_error
+from dq.models.load import Teacher
+
+SAMPLERS = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
+
+
+def make_sampler(teacher: Teacher, sampler_cfg: Any):
+    """A scheduler set to ``sampler_cfg.steps`` inference steps on the teacher's noise schedule."""
+    name = sampler_cfg.name
+    if name not in SAMPLERS:
+        raise choice_error("sampler.name", name, SAMPLERS)
+    steps = int(sampler_cfg.steps)
+    max_steps = teacher.scheduler.config.num_train_timesteps
+    if not 1 <= steps <= max_steps:
+        raise DQError(f"sampler.steps={steps} must be in 1..{max_steps}")
+    sched = SAMPLERS[name].from_config(teacher.scheduler.config)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def sampler_timesteps(teacher: Teacher, sampler_cfg: Any) -> list[int]:
+    """The raw timesteps at which the sampler calls the model, in calling order (TPQ rows)."""
+    return [int(t) for t in make_sampler(teacher, sampler_cfg).timesteps]
+
+
+def initial_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """x_T for the images with these global indices: [len(indices), *shape], one generator each."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+                        for i in indices])
+
+
+@torch.no_grad()
+def denoise(unet: torch.nn.Module, sched, x: torch.Tensor, cond: torch.Tensor | None = None,
+            uncond: torch.Tensor | None = None, guidance_scale: float = 1.0, seed: int = 0,
+            on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run the sampler from x_T to x_0. ``on_step(step, raw_t, x_t)`` sees each model input.
+
+    With ``cond`` (encoder hidden states [B, L, D]) and guidance_scale > 1, classifier-free guidance
+    runs the unconditional and conditional halves in one batch (both at the same step).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    use_cfg = cond is not None and guidance_scale != 1.0
+    for step, t in enumerate(sched.timesteps):
+        if on_step is not None:
+            on_step(step, int(t), x)
+        tt = torch.full((x.shape[0] * (2 if use_cfg else 1),), int(t), dtype=torch.long, device=x.device)
+        if use_cfg:
+            eps_u, eps_c = unet(torch.cat([x, x]), tt, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        elif cond is not None:
+            eps = unet(x, tt, encoder_hidden_states=cond).sample
+        else:
+            eps = unet(x, tt).sample
+        x = sched.step(eps, t, x, generator=gen).prev_sample
+    return x
+
+
+def batches(indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    yield from indices.split(batch_size)
+
+
+@torch.no_grad()
+def sample_images(teacher: Teacher, unet: torch.nn.Module, sampler_cfg: Any, indices: torch.Tensor, seed: int,
+                  batch_size: int = 250, cond_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  guidance_scale: float = 1.0, desc: str = "sampling") -> torch.Tensor:
+    """Generate the images with global ``indices`` using ``unet`` (teacher or student): [N, C, H, W] in [−1, 1].
+
+    ``cond_fn(indices) -> (cond, uncond)`` supplies encoder hidden states for conditional UNets.
+    """
+    if len(indices) == 0:
+        raise DQError("number of images to sample must be > 0")
+    out = []
+    device = next(unet.parameters()).device
+    bar = tqdm(total=len(indices), desc=desc, unit="img", leave=False)
+    for chunk in batches(indices, batch_size):
+        sched = make_sampler(teacher, sampler_cfg)
+        x = initial_noise(chunk, teacher.sample_shape, seed).to(device)
+        cond, uncond = cond_fn(chunk) if cond_fn is not None else (None, None)
+        x = denoise(unet, sched, x, cond, uncond, guidance_scale, seed=seed * 7919 + int(chunk[0]))
+        out.append(x.clamp(-1, 1).cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(out)

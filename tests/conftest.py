@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_cfg(tmp_path: Path, config_name: str = "train", overrides: list[str] = ()):
+    """Compose the real configs as a user's command line would, writing into tmp_path."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name, overrides=[f"paths.output_dir={tmp_path}",
+                                               f"paths.cache_dir={tmp_path / 'cache'}", "logger=none",
+                                               *overrides])
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda *overrides, config_name="train": make_cfg(tmp_path, config_name, list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
