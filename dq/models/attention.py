@@ -1,0 +1,137 @@
+"""Attention processor that fake-quantizes the inputs of the two attention matmuls.
+
+Mirrors diffusers' ``AttnProcessor2_0.__call__`` (spatial_norm, group_norm, norm_cross, norm_q/k,
+masks, residual_connection, rescale_output_factor) but computes attention explicitly so the
+operands can be quantized:
+
+    S = Q_q(q) · Q_k(k)ᵀ · attn.scale (+ mask);  P = softmax(S);  O = Q_p(P) · Q_v(v)
+
+with per-step-per-head TemporalActQuantizers ([T, H] tables, q/k/v/P in the [B, H, N, d] layout).
+The processor is an nn.Module, so ``Attention.set_processor`` registers it as the submodule
+``processor`` and its tables are in the state_dict. to_q/to_k/to_v/to_out are QuantLinear layers
+swapped in by ``dq.models.quantize.prepare`` like every other Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import Tensor, nn
+
+from dq.quant.quantizers import TemporalActQuantizer
+
+
+class QuantAttnProcessor(nn.Module):
+    """Args:
+        heads: attn.heads of the Attention it serves.
+        a_bits: bits of q, k, v (None → matmul operands q, k, v left in float).
+        prob_bits: bits of the softmax probabilities (None → left in float).
+        num_steps: T of the TPQ tables (1 = shared).
+    """
+
+    def __init__(self, heads: int, a_bits: int | None, prob_bits: int | None = 8, num_steps: int = 1) -> None:
+        super().__init__()
+        self.heads = heads
+
+        def make(bits: int | None) -> TemporalActQuantizer | None:
+            return None if bits is None else TemporalActQuantizer(bits, num_steps, heads=heads, head_axis=1)
+
+        self.q_quant = make(a_bits)
+        self.k_quant = make(a_bits)
+        self.v_quant = make(a_bits)
+        self.prob_quant = make(prob_bits)
+
+    # Attention.forward filters cross-attention kwargs by the processor's __call__ signature; nn.Module's
+    # generic (*args, **kwargs) would hide `temb`, so expose the same signature as AttnProcessor2_0.
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> Tensor:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    @staticmethod
+    def _q(quant: TemporalActQuantizer | None, x: Tensor) -> Tensor:
+        return x if quant is None else quant(x)
+
+    def forward(
+        self,
+        attn: Attention,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+    ) -> Tensor:
+        """hidden_states [B, C, H, W] or [B, N, C]; encoder_hidden_states [B, S, C_cross] → same shape as input."""
+        if attn.heads != self.heads:
+            raise ValueError(f"processor built for {self.heads} heads serves an Attention with {attn.heads}")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        # [B, N, H·d] → [B, H, N, d]
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        dtype = query.dtype
+        query, key, value = self._q(self.q_quant, query), self._q(self.k_quant, key), self._q(self.v_quant, value)
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [B, H, N, S]
+        if attention_mask is not None:  # additive bias, or boolean "may attend" as in SDPA
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, float("-inf"))
+            else:
+                scores = scores + attention_mask
+        if attn.upcast_softmax:
+            scores = scores.float()
+        probs = self._q(self.prob_quant, scores.softmax(dim=-1).to(dtype))
+        hidden_states = torch.matmul(probs, value)  # [B, H, N, d]
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}"
