@@ -29,24 +29,27 @@ class ImageMetrics(nn.Module):
     """FID / KID / IS of generated images against real reference images (both in [−1, 1])."""
 
     def __init__(self, backend: str = "digits", kid_subset_size: int = 100, kid_subsets: int = 50,
-                 is_splits: int = 1) -> None:
+                 is_splits: int = 1, sync: bool = False) -> None:
+        """``sync``: sum/gather states over the process group at compute time (sharded generation under
+        DDP, every rank calling compute); False scores only what this process saw."""
         super().__init__()
+        kw = {"sync_on_compute": sync}
         if backend not in BACKENDS:
             raise choice_error("metrics.backend", backend, BACKENDS)
         self.backend = backend
         if backend == "digits":
             net = DigitsClassifier.load()
             feats, logits = FrozenFeatures(net, "features"), FrozenFeatures(net, "logits")
-            self.fid = FrechetInceptionDistance(feature=feats, reset_real_features=False)
+            self.fid = FrechetInceptionDistance(feature=feats, reset_real_features=False, **kw)
             self.kid = KernelInceptionDistance(feature=feats, subset_size=kid_subset_size, subsets=kid_subsets,
-                                               reset_real_features=False)
-            self.inception_score = InceptionScore(feature=logits, splits=is_splits)
+                                               reset_real_features=False, **kw)
+            self.inception_score = InceptionScore(feature=logits, splits=is_splits, **kw)
         else:
             require_torch_fidelity()
-            self.fid = FrechetInceptionDistance(feature=2048, reset_real_features=False)
+            self.fid = FrechetInceptionDistance(feature=2048, reset_real_features=False, **kw)
             self.kid = KernelInceptionDistance(feature=2048, subset_size=kid_subset_size, subsets=kid_subsets,
-                                               reset_real_features=False)
-            self.inception_score = InceptionScore(splits=is_splits)
+                                               reset_real_features=False, **kw)
+            self.inception_score = InceptionScore(splits=is_splits, **kw)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if self.backend == "digits" else _to_uint8_rgb(x)
@@ -73,7 +76,9 @@ class ImageMetrics(nn.Module):
         n_real = int(self.fid.real_features_num_samples)
         n_fake = int(self.fid.fake_features_num_samples)
         self.kid.subset_size = min(self.kid.subset_size, n_real, n_fake)
-        kid_mean, kid_std = self.kid.compute()
+        with torch.random.fork_rng():  # KID draws random subsets: seed them so a score is reproducible
+            torch.manual_seed(0)
+            kid_mean, kid_std = self.kid.compute()
         with warnings.catch_warnings():  # is_splits=1 has no spread: its std is NaN by design
             warnings.filterwarnings("ignore", message="std\\(\\): degrees of freedom")
             is_mean, is_std = self.inception_score.compute()
@@ -89,9 +94,11 @@ def score(metrics: ImageMetrics, images: torch.Tensor, batch_size: int = 500) ->
     return metrics.compute()
 
 
-def build_metrics(metrics_cfg: Any, real_images: torch.Tensor) -> ImageMetrics:
-    m = ImageMetrics(metrics_cfg.backend, metrics_cfg.kid_subset_size, metrics_cfg.kid_subsets,
-                     metrics_cfg.is_splits)
+def build_metrics(metrics_cfg: Any, real_images: torch.Tensor, sync: bool = False) -> ImageMetrics:
+    with warnings.catch_warnings():  # "will save all extracted features": known, and small here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        m = ImageMetrics(metrics_cfg.backend, metrics_cfg.kid_subset_size, metrics_cfg.kid_subsets,
+                         metrics_cfg.is_splits, sync=sync)
     for chunk in real_images.split(500):
         m.update_real(chunk)
     return m

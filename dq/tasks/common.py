@@ -48,11 +48,29 @@ def make_logger(cfg: Any, out: Path, job: str):
         from lightning.pytorch.loggers import WandbLogger
 
         lc = cfg.logger
-        return WandbLogger(save_dir=str(out), project=lc.project, group=lc.get("group") or None,
+        return WandbLogger(save_dir=str(out), project=lc.project, group=wandb_group(cfg),
                            name=lc.get("name") or f"{job}-{out.name}", mode=lc.mode, job_type=job,
                            tags=list(lc.get("tags") or []),
                            config=OmegaConf.to_container(cfg, resolve=False))
     raise choice_error("logger.kind", kind, ["wandb", "csv", "none"])
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def wandb_group(cfg: Any) -> str | None:
+    """logger.group, or for a hydra multirun the sweep's directory name, so one sweep = one group."""
+    if cfg.logger.get("group"):
+        return str(cfg.logger.group)
+    if is_multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"{cfg.task.name}-{Path(HydraConfig.get().sweep.dir).name}"
+    return None
 
 
 def finish_logger(logger: Any) -> None:
@@ -64,7 +82,14 @@ def finish_logger(logger: Any) -> None:
             wandb.finish()
 
 
+def job_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def write_results(out: Path, results: dict[str, Any]) -> Path:
+    results = {"overrides": job_overrides(), **results}
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=2, default=float))
     return path
@@ -73,8 +98,8 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Entry point body shared by train.py and eval.py: dispatch to ``dq.tasks.<task>.run(cfg)``.
 
-    A ``DQError`` (bad user input) prints as one line and exits with status 2; in a multirun it is
-    logged and the sweep goes on to the next job.
+    A ``DQError`` (bad user input) prints as one line and exits with status 2. In a multirun any
+    failure is logged with its traceback and the sweep goes on to the next job.
     """
     name = cfg.task.name
     try:
@@ -82,12 +107,11 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
             raise choice_error("task", name, TASKS)
         task: Callable[[Any], dict[str, Any]] = importlib.import_module(f"dq.tasks.{name}").run
         return task(cfg)
-    except DQError as e:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            log.error("job failed: %s", e)
+    except Exception as e:
+        if is_multirun():
+            log.exception("job failed, the sweep goes on: %s", e)
             return None
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(e, DQError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise

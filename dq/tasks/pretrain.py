@@ -84,7 +84,7 @@ def write_card(folder: Path, info: dict[str, Any]) -> None:
 
 def run(cfg: Any) -> dict[str, Any]:
     t = cfg.task
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = run_dir(cfg)
     dm = DigitsDataModule(size=cfg.data.size, heldout_fraction=cfg.data.heldout_fraction,
                           split_seed=cfg.data.split_seed, batch_size=t.batch_size)

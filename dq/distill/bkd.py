@@ -1,0 +1,138 @@
+"""Block-wise knowledge distillation (BKD) as a LightningModule.
+
+The frozen full-precision teacher and the quantized student are cut into the same blocks
+(``dq.models.blocks``). Blocks are trained one after another in network order — a curriculum whose
+position is a pure function of ``global_step`` (block = step // steps_per_block), so a resumed run
+needs no extra state. For block k:
+
+    target = teacher blocks 0..k on the teacher chain          (no grad)
+    input  = student blocks 0..k-1 (quantized prefix)         (no grad; or the teacher's, as option)
+    loss   = mean over the block's outputs of MSE(student block k(input), target)
+
+Only block k's parameters get gradients, so memory is that of one block. Its weights, Δ_w and
+per-step activation tables (Δ_x, z_x) train together, each with its own learning rate.
+
+The teacher is held outside the module registry: it is not in the checkpoint and DDP never wraps it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dq.errors import DQError, choice_error
+from dq.models.blocks import UNetState, run_blocks, select_blocks, unet_blocks
+from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+
+INPUT_MODES = ("student", "teacher")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    steps_per_block: int = 200
+    lr_weights: float = 1e-5
+    lr_delta_w: float = 1e-4
+    lr_act: float = 1e-3
+    input: str = "student"             # the student block's input: "student" prefix or "teacher" chain
+    blocks: tuple[str, ...] = ()       # subset of block names to train (empty: all, in network order)
+    cosine: bool = True                # per-block cosine decay of every learning rate
+
+    def __post_init__(self) -> None:
+        if self.input not in INPUT_MODES:
+            raise choice_error("distill.input", self.input, INPUT_MODES)
+        if self.steps_per_block < 1:
+            raise DQError(f"distill.steps_per_block={self.steps_per_block} must be >= 1")
+
+
+def param_groups(student: nn.Module, cfg: DistillConfig) -> list[dict[str, Any]]:
+    """Student parameters split into weights / Δ_w / activation tables, each with its own lr."""
+    act, dw = set(), set()
+    for m in student.modules():
+        if isinstance(m, TemporalActQuantizer):
+            act.update(id(p) for p in m.parameters())
+        elif isinstance(m, WeightQuantizer):
+            dw.update(id(p) for p in m.parameters())
+    groups = {"weights": [], "delta_w": [], "act": []}
+    for p in student.parameters():
+        groups["act" if id(p) in act else "delta_w" if id(p) in dw else "weights"].append(p)
+    lrs = {"weights": cfg.lr_weights, "delta_w": cfg.lr_delta_w, "act": cfg.lr_act}
+    return [{"params": ps, "lr": lrs[name], "base_lr": lrs[name], "name": name}
+            for name, ps in groups.items() if ps]
+
+
+class BlockDistiller(L.LightningModule):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.student = student
+        object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
+        self.student_blocks = unet_blocks(student)
+        self.teacher_blocks = unet_blocks(teacher)
+        self.schedule = select_blocks(self.student_blocks, list(cfg.blocks))
+
+    # ---------------------------------------------------------------- curriculum (pure in global_step)
+    @property
+    def total_steps(self) -> int:
+        return len(self.schedule) * self.cfg.steps_per_block
+
+    def block_index(self, step: int) -> int:
+        """Index into the model's blocks trained at optimisation step ``step``."""
+        return self.schedule[min(step // self.cfg.steps_per_block, len(self.schedule) - 1)]
+
+    def lr_factor(self, step: int) -> float:
+        if not self.cfg.cosine:
+            return 1.0
+        pos = (step % self.cfg.steps_per_block) / self.cfg.steps_per_block
+        return 0.5 * (1.0 + math.cos(math.pi * pos))
+
+    # ------------------------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(param_groups(self.student, self.cfg))
+
+    def block_loss(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        state = UNetState(sample=batch["x"], timestep=batch["t"], encoder_hidden_states=batch.get("cond"))
+        step_index = self.student.dq_step_index
+        with torch.no_grad():
+            target = run_blocks(self.teacher_blocks, state, k).new
+            if k == 0:
+                inp = state
+            elif self.cfg.input == "teacher":
+                inp = run_blocks(self.teacher_blocks, state, k - 1)
+            else:
+                with step_index.use(batch["row"]):
+                    inp = run_blocks(self.student_blocks, state, k - 1)
+            inp = inp.detach()
+        with step_index.use(batch["row"]):
+            out = self.student_blocks[k](inp).new
+        return sum(F.mse_loss(o, t) for o, t in zip(out, target)) / len(out)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        step = self.global_step
+        k = self.block_index(step)
+        name = self.student_blocks[k].name
+        opt = self.optimizers()
+        factor = self.lr_factor(step)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        loss = self.block_loss(batch, k)
+        if not torch.isfinite(loss):
+            raise DQError(f"non-finite distillation loss ({loss.item()}) in block {name!r} at step {step}; "
+                          f"lower the learning rates (distill.lr_*)")
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        self.log(f"distill/loss/{name}", loss, prog_bar=False)
+        self.log("distill/loss", loss, prog_bar=True)
+        self.log("distill/block", float(k))
+        for g in opt.param_groups:
+            self.log(f"lr/{g['name']}", g["lr"])
+        return loss

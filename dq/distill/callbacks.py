@@ -1,0 +1,92 @@
+"""Callbacks of the distillation run: a progress bar per block and the wandb quantization dashboard."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from tqdm import tqdm
+
+from dq.quant.quantizers import TemporalActQuantizer
+
+
+class BlockProgressBar(L.Callback):
+    """One tqdm bar per curriculum block ("block down.1 (3/9)"), showing that block's loss."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.block: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step - 1  # the step just taken
+        k = module.block_index(step)
+        if k != self.block:
+            self._close()
+            pos = module.schedule.index(k)
+            done = step - pos * module.cfg.steps_per_block
+            self.bar = tqdm(total=module.cfg.steps_per_block, initial=done, leave=True, dynamic_ncols=True,
+                            desc=f"block {module.student_blocks[k].name} ({pos + 1}/{len(module.schedule)})")
+            self.block = k
+        self.bar.update(1)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{float(loss):.3g}", refresh=False)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        self._close()
+
+    def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
+        self._close()
+
+
+def act_tables(student: torch.nn.Module, limit: int = 4) -> dict[str, torch.Tensor]:
+    """Δ_x per step ([T], head-averaged) of up to ``limit`` per-step activation quantizers, spread over the net."""
+    qs = [(n, q) for n, q in student.named_modules() if isinstance(q, TemporalActQuantizer) and q.delta.shape[0] > 1]
+    if not qs:
+        return {}
+    pick = [qs[round(i * (len(qs) - 1) / max(1, limit - 1))] for i in range(min(limit, len(qs)))]
+    return {n: q.delta.detach().float().reshape(q.delta.shape[0], -1).mean(1).cpu() for n, q in pick}
+
+
+class QuantDashboard(L.Callback):
+    """wandb: at the end of each block, a line plot of the per-step Δ_x of a few layers."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % module.cfg.steps_per_block != 0 or not is_wandb(trainer.logger):
+            return
+        import wandb
+
+        tables = act_tables(module.student)
+        if not tables:
+            return
+        names = list(tables)
+        block = module.student_blocks[module.block_index(step - 1)].name
+        steps = list(range(len(next(iter(tables.values())))))
+        trainer.logger.experiment.log({f"tpq/delta_x_after_{block}": wandb.plot.line_series(
+            xs=steps, ys=[tables[n].tolist() for n in names], keys=names,
+            title=f"per-step activation step size Δ_x after block {block}", xname="sampling step")},
+            commit=False)
+
+
+def is_wandb(logger: Any) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
+class RankConsistency(L.Callback):
+    """At the end of fit, checks that every DDP rank holds the same student (per-tensor float64 sums,
+    all-gathered); records ``module.ranks_identical`` and raises if they differ."""
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        sums = torch.stack([t.detach().double().sum() for t in module.student.state_dict().values()
+                            if t.is_floating_point()])
+        gathered = trainer.strategy.all_gather(sums.to(module.device)) if trainer.world_size > 1 else sums[None]
+        gathered = gathered.reshape(trainer.world_size, -1)
+        module.ranks_identical = bool((gathered == gathered[0]).all())
+        if not module.ranks_identical:
+            raise RuntimeError("DDP ranks ended with different students; gradients were not synchronised")

@@ -1,0 +1,48 @@
+"""The UNet as a chain of blocks: exact equivalence with the model's own forward."""
+import pytest
+import torch
+
+from dq.models.blocks import UNetState, run_blocks, select_blocks, unet_blocks
+from dq.errors import DQError
+from dq.models.load import build_tiny
+
+
+@pytest.mark.parametrize("arch", ["unet2d", "unet2d_cond"])
+def test_blocks_in_order_equal_the_unet_forward(arch):
+    unet = build_tiny(arch).unet
+    c = unet.config
+    x = torch.randn(3, c.in_channels, c.sample_size, c.sample_size)
+    t = torch.tensor([3, 500, 999])
+    ehs = torch.randn(3, 5, c.cross_attention_dim) if arch == "unet2d_cond" else None
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ehs).sample if ehs is not None else unet(x, t).sample
+        blocks = unet_blocks(unet)
+        out = run_blocks(blocks, UNetState(sample=x, timestep=t, encoder_hidden_states=ehs), len(blocks) - 1)
+    assert torch.equal(out.sample, ref)
+    assert out.res == ()  # every skip tensor pushed by a down block was consumed by an up block
+    names = [b.name for b in blocks]
+    assert names[0] == "stem" and names[-1] == "head" and "mid" in names
+    # every parameter belongs to exactly one block
+    owned = [id(p) for b in blocks for p in b.parameters()]
+    assert len(owned) == len(set(owned)) == len(list(unet.parameters()))
+
+
+def test_block_selection_validates_names():
+    blocks = unet_blocks(build_tiny("unet2d").unet)
+    assert select_blocks(blocks, ["up.0", "down.1"]) == [2, 5]
+    with pytest.raises(DQError, match="unknown block name 'down.9'; valid choices: stem, down.0"):
+        select_blocks(blocks, ["down.9"])
+
+
+def test_detached_state_is_contiguous_and_trainable():
+    # Attention blocks emit channels-last strided maps; a block fed one as a non-grad leaf crashed
+    # torch 2.13's CPU backward. detach() must hand blocks contiguous tensors.
+    unet = build_tiny("unet2d").unet.train().requires_grad_(True)
+    blocks = unet_blocks(unet)
+    with torch.no_grad():
+        s = run_blocks(blocks, UNetState(sample=torch.randn(4, 1, 16, 16), timestep=torch.tensor([1, 2, 3, 4])), 2)
+    s = s.detach()
+    assert all(t.is_contiguous() for t in (s.sample, s.emb, *s.res))
+    out = blocks[3](s).new
+    sum(o.pow(2).mean() for o in out).backward()
+    assert all(p.grad is not None for p in blocks[3].parameters())

@@ -1,0 +1,191 @@
+"""Block-wise distillation: curriculum, learning, resume, checkpoints, DDP, sweeps, bad input."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from dq.data.calibration import CalibrationDataModule, load_or_generate
+from dq.distill.bkd import BlockDistiller, DistillConfig
+from dq.errors import DQError
+from dq.models.load import build_tiny, load_teacher
+from dq.models.quantize import QuantConfig, build_student
+from dq.models.sampling import sampler_timesteps
+from dq.models.student import load_student, save_student
+from dq.tasks.quantize import calibration_batches
+
+SAMPLER = OmegaConf.create({"name": "ddim", "steps": 5, "eta": 0.0})
+CALIB = OmegaConf.create({"n_samples": 64, "n_trajectories": 16, "batch_size": 16, "guidance_scale": 1.0,
+                          "seed": 0, "path": None})
+
+
+def tiny_setup(tmp_path, arch="unet2d", bits=4):
+    teacher = build_tiny(arch)
+    calib = load_or_generate(teacher, SAMPLER, CALIB, tmp_path / "cache")
+    qcfg = QuantConfig(w_bits=bits, a_bits=bits, timesteps=tuple(sampler_timesteps(teacher, SAMPLER)))
+    student, _ = build_student(copy.deepcopy(teacher.unet), qcfg, calibration_batches(calib, 64))
+    return teacher, calib, qcfg, student
+
+
+def fit(student, teacher, calib, cfg, max_steps=None, ckpt_dir=None, ckpt_path=None, callbacks=()):
+    student.train().requires_grad_(True)
+    module = BlockDistiller(student, teacher.unet, cfg)
+    dm = CalibrationDataModule(calib, 8, module.total_steps, seed=0)
+    cbs = list(callbacks)
+    if ckpt_dir is not None:
+        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=1))
+    trainer = L.Trainer(max_steps=max_steps or module.total_steps, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=cbs,
+                        enable_checkpointing=ckpt_dir is not None, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module
+
+
+def test_curriculum_covers_every_block_once_in_order():
+    module = BlockDistiller(build_tiny("unet2d").unet, build_tiny("unet2d").unet, DistillConfig(steps_per_block=3))
+    seq = [module.block_index(s) for s in range(module.total_steps)]
+    n = len(module.student_blocks)
+    assert seq == [k for k in range(n) for _ in range(3)]
+    sub = BlockDistiller(build_tiny("unet2d").unet, build_tiny("unet2d").unet,
+                         DistillConfig(steps_per_block=2, blocks=("up.1", "stem")))
+    assert [sub.student_blocks[sub.block_index(s)].name for s in range(sub.total_steps)] == \
+        ["stem", "stem", "up.1", "up.1"]
+
+
+def test_bad_distill_config():
+    with pytest.raises(DQError, match="distill.input"):
+        DistillConfig(input="oracle")
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append((module.block_index(trainer.global_step - 1), float(outputs["loss"])))
+
+
+@pytest.mark.slow
+def test_each_block_loss_decreases_on_the_embedded_teacher(tmp_path, cfg_factory):
+    teacher = load_teacher(cfg_factory().model)
+    calib = load_or_generate(teacher, SAMPLER, CALIB, tmp_path / "cache")
+    qcfg = QuantConfig(w_bits=4, a_bits=4, timesteps=tuple(sampler_timesteps(teacher, SAMPLER)))
+    student, _ = build_student(copy.deepcopy(teacher.unet), qcfg, calibration_batches(calib, 64))
+    rec = LossRecorder()
+    steps = 24
+    fit(student, teacher, calib, DistillConfig(steps_per_block=steps, lr_weights=1e-4, lr_act=1e-3),
+        callbacks=[rec])
+    for k in sorted({k for k, _ in rec.losses}):
+        ls = [l for kk, l in rec.losses if kk == k]
+        first, last = sum(ls[:6]) / 6, sum(ls[-6:]) / 6
+        assert last < first, (k, first, last)
+
+
+def test_resume_mid_curriculum_gives_the_same_student(tmp_path):
+    cfg = DistillConfig(steps_per_block=2)
+    teacher, calib, qcfg, student = tiny_setup(tmp_path)
+    s_full, s_part = copy.deepcopy(student), copy.deepcopy(student)
+    fit(s_full, teacher, calib, cfg)
+    fit(s_part, teacher, calib, cfg, max_steps=7, ckpt_dir=tmp_path / "ck")  # stops inside block 3
+    s_resumed = copy.deepcopy(student)  # a fresh process would rebuild this from config
+    fit(s_resumed, teacher, calib, cfg, ckpt_dir=tmp_path / "ck2", ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    full, resumed, part = s_full.state_dict(), s_resumed.state_dict(), s_part.state_dict()
+    assert any(not torch.equal(full[k], part[k]) for k in full)  # the interrupted run really was behind
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_teacher_is_not_in_the_checkpoint_and_student_reloads(tmp_path):
+    teacher, calib, qcfg, student = tiny_setup(tmp_path)
+    module = fit(student, teacher, calib, DistillConfig(steps_per_block=1), ckpt_dir=tmp_path / "ck")
+    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    assert all(k.startswith("student.") for k in ckpt["state_dict"])
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    student.eval()
+    path = save_student(tmp_path / "student.pt", student, teacher, qcfg, dict(SAMPLER), {})
+    again, meta = load_student(path)
+    assert meta["quant"]["w_bits"] == 4
+    x, t = calib.x[:6], calib.t[:6]
+    with torch.no_grad():
+        assert torch.equal(again.unet(x, t).sample, student(x, t).sample)
+
+
+def test_missing_student_checkpoint():
+    with pytest.raises(DQError, match="does not exist"):
+        load_student("/nope/student.pt")
+
+
+def test_calibration_cache_reused_and_foreign_cache_refused(tmp_path):
+    teacher = build_tiny("unet2d")
+    a = load_or_generate(teacher, SAMPLER, CALIB, tmp_path)
+    files = list(tmp_path.glob("calib-*.pt"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    b = load_or_generate(teacher, SAMPLER, CALIB, tmp_path)
+    assert torch.equal(a.x, b.x) and files[0].stat().st_mtime_ns == mtime
+    assert set(a.row.tolist()) == set(range(5))  # stratified: every step has samples
+    assert torch.equal(torch.tensor(a.timesteps)[a.row], a.t)
+    other = OmegaConf.merge(CALIB, {"seed": 1, "path": str(files[0])})
+    with pytest.raises(DQError, match="made for another configuration.*seed"):
+        load_or_generate(teacher, SAMPLER, other, tmp_path)
+    assert files[0].stat().st_mtime_ns == mtime  # nothing already written is lost
+
+
+def test_conditional_unet_calibrates_and_distils(tmp_path):
+    teacher, calib, qcfg, student = tiny_setup(tmp_path, arch="unet2d_cond")
+    assert calib.cond is not None and calib.cond.shape[0] == len(calib)
+    rec = LossRecorder()
+    fit(student, teacher, calib, DistillConfig(steps_per_block=2), callbacks=[rec])
+    assert len(rec.losses) == 2 * 7 and all(torch.isfinite(torch.tensor(l)) for _, l in rec.losses)
+
+
+def run_cli(args, tmp_path, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+TINY_JOB = ["model=tiny_unet", "sampler.steps=4", "calib.n_samples=32", "calib.n_trajectories=8",
+            "distill.steps_per_block=1", "task.num_samples=8", "task.floor=false"]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_end_with_identical_students(tmp_path):
+    proc = run_cli([*TINY_JOB, "trainer=ddp", "logger=none", f"hydra.run.dir={tmp_path}",
+                    f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = json.loads((tmp_path / "results.json").read_text())["train"]
+    assert train["world_size"] == 2 and train["ranks_identical"] is True
+
+
+@pytest.mark.slow
+def test_multirun_two_jobs_one_group_and_a_failure_does_not_stop_the_sweep(tmp_path):
+    proc = run_cli(["-m", *TINY_JOB, "quant=w4a4,w8a8", "quant.w_bits=99,4", f"hydra.sweep.dir={tmp_path}",
+                    f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
+    assert sorted(r["bits"] for r in results) == ["W4A4", "W4A8"]  # the two w_bits=99 jobs failed, the rest ran
+    assert len({r["wandb_group"] for r in results}) == 1 and results[0]["wandb_group"]
+    assert "w_bits=99" in proc.stderr or "w_bits=99" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override,expect", [
+    ("quant.w_bits=9", "w_bits=9"),
+    ("distill.blocks=[down.7]", "unknown block name 'down.7'; valid choices: stem"),
+    ("task.resume=/nope/last.ckpt", "task.resume='/nope/last.ckpt' does not exist"),
+    ("method.scaling=magic", "unknown method.scaling 'magic'; valid choices: wd, sq, none"),
+])
+def test_quantize_bad_input_is_one_line(override, expect, tmp_path):
+    proc = run_cli([*TINY_JOB, override, "logger=none", f"hydra.run.dir={tmp_path}"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], proc.stderr[-2000:]
