@@ -7,8 +7,9 @@ from dq.errors import DQError
 from dq.models.load import build_tiny
 
 
+@pytest.mark.parametrize("granularity", ["block", "module"])
 @pytest.mark.parametrize("arch", ["unet2d", "unet2d_cond"])
-def test_blocks_in_order_equal_the_unet_forward(arch):
+def test_blocks_in_order_equal_the_unet_forward(arch, granularity):
     unet = build_tiny(arch).unet
     c = unet.config
     x = torch.randn(3, c.in_channels, c.sample_size, c.sample_size)
@@ -16,12 +17,12 @@ def test_blocks_in_order_equal_the_unet_forward(arch):
     ehs = torch.randn(3, 5, c.cross_attention_dim) if arch == "unet2d_cond" else None
     with torch.no_grad():
         ref = unet(x, t, encoder_hidden_states=ehs).sample if ehs is not None else unet(x, t).sample
-        blocks = unet_blocks(unet)
+        blocks = unet_blocks(unet, granularity)
         out = run_blocks(blocks, UNetState(sample=x, timestep=t, encoder_hidden_states=ehs), len(blocks) - 1)
     assert torch.equal(out.sample, ref)
     assert out.res == ()  # every skip tensor pushed by a down block was consumed by an up block
     names = [b.name for b in blocks]
-    assert names[0] == "stem" and names[-1] == "head" and "mid" in names
+    assert names[0] == "stem" and names[-1] == "head" and any(n.startswith("mid") for n in names)
     # every parameter belongs to exactly one block
     owned = [id(p) for b in blocks for p in b.parameters()]
     assert len(owned) == len(set(owned)) == len(list(unet.parameters()))
@@ -46,3 +47,12 @@ def test_detached_state_is_contiguous_and_trainable():
     out = blocks[3](s).new
     sum(o.pow(2).mean() for o in out).backward()
     assert all(p.grad is not None for p in blocks[3].parameters())
+
+
+def test_module_granularity_names_and_bad_value():
+    names = [b.name for b in unet_blocks(build_tiny("unet2d").unet, "module")]
+    assert names[:6] == ["stem", "down.0.resnets.0", "down.0.downsamplers.0", "down.1.resnets.0",
+                         "down.1.attentions.0", "down.1.downsamplers.0"]
+    assert "up.1.attentions.1" in names and names[-1] == "head"
+    with pytest.raises(DQError, match="distill.granularity 'layer'; valid choices: block, module"):
+        unet_blocks(build_tiny("unet2d").unet, "layer")

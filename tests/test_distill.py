@@ -189,3 +189,11 @@ def test_quantize_bad_input_is_one_line(override, expect, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], proc.stderr[-2000:]
+
+
+def test_non_finite_loss_names_block_and_step(tmp_path):
+    teacher, calib, qcfg, student = tiny_setup(tmp_path)
+    with torch.no_grad():
+        student.down_blocks[1].resnets[0].conv1.weight.fill_(float("nan"))
+    with pytest.raises(DQError, match=r"non-finite distillation loss .* in block 'down.1' at step 2"):
+        fit(student, teacher, calib, DistillConfig(steps_per_block=1))

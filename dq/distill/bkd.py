@@ -40,6 +40,7 @@ class DistillConfig:
     lr_act: float = 1e-3
     input: str = "student"             # the student block's input: "student" prefix or "teacher" chain
     blocks: tuple[str, ...] = ()       # subset of block names to train (empty: all, in network order)
+    granularity: str = "block"         # "block" (stem, down.i, mid, up.i, head) or "module" (finer units)
     cosine: bool = True                # per-block cosine decay of every learning rate
 
     def __post_init__(self) -> None:
@@ -72,8 +73,8 @@ class BlockDistiller(L.LightningModule):
         self.cfg = cfg
         self.student = student
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
-        self.student_blocks = unet_blocks(student)
-        self.teacher_blocks = unet_blocks(teacher)
+        self.student_blocks = unet_blocks(student, cfg.granularity)
+        self.teacher_blocks = unet_blocks(teacher, cfg.granularity)
         self.schedule = select_blocks(self.student_blocks, list(cfg.blocks))
 
     # ---------------------------------------------------------------- curriculum (pure in global_step)

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from dq.errors import DQError, choice_error
 
@@ -57,8 +58,18 @@ def _is_cross(block: nn.Module) -> bool:
     return bool(getattr(block, "has_cross_attention", False))
 
 
-def unet_blocks(unet: nn.Module) -> list[Block]:
-    """The UNet's blocks in network order (see module docstring)."""
+GRANULARITIES = ("block", "module")
+
+
+def unet_blocks(unet: nn.Module, granularity: str = "block") -> list[Block]:
+    """The UNet's blocks in network order (see module docstring).
+
+    ``granularity="module"`` splits every down / mid / up block into its ResNets, attentions and
+    resamplers ("down.1.resnets.0", "down.1.attentions.0", "down.1.downsamplers.0", ...): finer
+    distillation units, replaying the block's own control flow (tested equal to the block forward).
+    """
+    if granularity not in GRANULARITIES:
+        raise choice_error("distill.granularity", granularity, GRANULARITIES)
     if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
         raise DQError(f"block-wise distillation supports UNet2DModel and UNet2DConditionModel, not {type(unet).__name__}")
     cond = isinstance(unet, UNet2DConditionModel)
@@ -78,10 +89,24 @@ def unet_blocks(unet: nn.Module) -> list[Block]:
         h = unet.conv_in(s.sample)
         return replace(s, sample=h, emb=emb, res=(h,), new=(h, emb))
 
+    head_modules = [m for m in (unet.conv_norm_out, unet.conv_act, unet.conv_out) if m is not None]
+
+    def head(s: UNetState) -> UNetState:
+        h = s.sample
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        h = unet.conv_out(h)
+        if not cond and unet.config.time_embedding_type == "fourier":
+            h = h / s.timestep.to(h.device).reshape(-1, *([1] * (h.dim() - 1)))
+        return replace(s, sample=h, new=(h,))
+
     stem_modules = [unet.time_proj, unet.time_embedding, unet.conv_in]
     if cond and unet.time_embed_act is not None:
         stem_modules.append(unet.time_embed_act)
     blocks = [Block("stem", stem_modules, stem)]
+
+    if granularity == "module":
+        return blocks + _module_units(unet) + [Block("head", head_modules, head)]
 
     for i, down in enumerate(unet.down_blocks):
         def f(s: UNetState, down=down) -> UNetState:
@@ -115,19 +140,70 @@ def unet_blocks(unet: nn.Module) -> list[Block]:
             return replace(s, sample=h, res=rest, new=(h,))
         blocks.append(Block(f"up.{i}", [up], fu))
 
-    head_modules = [m for m in (unet.conv_norm_out, unet.conv_act, unet.conv_out) if m is not None]
-
-    def head(s: UNetState) -> UNetState:
-        h = s.sample
-        if unet.conv_norm_out is not None:
-            h = unet.conv_act(unet.conv_norm_out(h))
-        h = unet.conv_out(h)
-        if not cond and unet.config.time_embedding_type == "fourier":
-            h = h / s.timestep.to(h.device).reshape(-1, *([1] * (h.dim() - 1)))
-        return replace(s, sample=h, new=(h,))
-
     blocks.append(Block("head", head_modules, head))
     return blocks
+
+
+def _attend(attn: nn.Module, s: UNetState) -> torch.Tensor:
+    """One attention unit as its parent block calls it: Transformer2DModel (cross-attention blocks)
+    returns a tuple; a plain Attention gets the time embedding (used only by spatial norms)."""
+    if isinstance(attn, Transformer2DModel):
+        return attn(s.sample, encoder_hidden_states=s.encoder_hidden_states, return_dict=False)[0]
+    return attn(s.sample, temb=s.emb)
+
+
+def _module_units(unet: nn.Module) -> list[Block]:
+    """Down / mid / up blocks split into ResNets, attentions and resamplers (granularity "module")."""
+    units: list[Block] = []
+
+    def resnet_unit(name: str, resnet: nn.Module, push: bool, pop: bool) -> Block:
+        def f(s: UNetState) -> UNetState:
+            res = s.res
+            h = s.sample
+            if pop:  # up blocks concatenate the matching skip tensor first
+                h, res = torch.cat([h, res[-1]], dim=1), res[:-1]
+            h = resnet(h, s.emb)
+            return replace(s, sample=h, res=res + ((h,) if push else ()), new=(h,))
+        return Block(name, [resnet], f)
+
+    def attn_unit(name: str, attn: nn.Module, push: bool) -> Block:
+        def f(s: UNetState) -> UNetState:
+            h = _attend(attn, s)
+            return replace(s, sample=h, res=s.res + ((h,) if push else ()), new=(h,))
+        return Block(name, [attn], f)
+
+    def resample_unit(name: str, block: nn.Module, sampler: nn.Module, push: bool) -> Block:
+        takes_temb = getattr(block, "downsample_type", getattr(block, "upsample_type", None)) == "resnet"
+
+        def f(s: UNetState) -> UNetState:
+            h = sampler(s.sample, temb=s.emb) if takes_temb else sampler(s.sample)
+            return replace(s, sample=h, res=s.res + ((h,) if push else ()), new=(h,))
+        return Block(name, [sampler], f)
+
+    for i, down in enumerate(unet.down_blocks):
+        attns = list(getattr(down, "attentions", None) or [])
+        for j, resnet in enumerate(down.resnets):
+            units.append(resnet_unit(f"down.{i}.resnets.{j}", resnet, push=not attns, pop=False))
+            if attns:
+                units.append(attn_unit(f"down.{i}.attentions.{j}", attns[j], push=True))
+        for j, ds in enumerate(down.downsamplers or []):
+            units.append(resample_unit(f"down.{i}.downsamplers.{j}", down, ds, push=True))
+    if unet.mid_block is not None:
+        mid = unet.mid_block
+        units.append(resnet_unit("mid.resnets.0", mid.resnets[0], push=False, pop=False))
+        for j, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+            if attn is not None:
+                units.append(attn_unit(f"mid.attentions.{j}", attn, push=False))
+            units.append(resnet_unit(f"mid.resnets.{j + 1}", resnet, push=False, pop=False))
+    for i, up in enumerate(unet.up_blocks):
+        attns = list(getattr(up, "attentions", None) or [])
+        for j, resnet in enumerate(up.resnets):
+            units.append(resnet_unit(f"up.{i}.resnets.{j}", resnet, push=False, pop=True))
+            if attns:
+                units.append(attn_unit(f"up.{i}.attentions.{j}", attns[j], push=False))
+        for j, us in enumerate(up.upsamplers or []):
+            units.append(resample_unit(f"up.{i}.upsamplers.{j}", up, us, push=False))
+    return units
 
 
 def select_blocks(blocks: list[Block], names: list[str] | None) -> list[int]:

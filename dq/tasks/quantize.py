@@ -54,7 +54,7 @@ def distill_config(cfg: Any) -> DistillConfig:
     d = cfg.distill
     return DistillConfig(steps_per_block=int(d.steps_per_block), lr_weights=float(d.lr_weights),
                          lr_delta_w=float(d.lr_delta_w), lr_act=float(d.lr_act), input=str(d.input),
-                         blocks=tuple(d.blocks), cosine=bool(d.cosine))
+                         blocks=tuple(d.blocks), cosine=bool(d.cosine), granularity=str(d.granularity))
 
 
 def calibration_batches(calib, n: int, batch_size: int = 256) -> list[tuple]:
@@ -108,7 +108,7 @@ def run(cfg: Any) -> dict[str, Any]:
     teacher = load_teacher(cfg.model)
     qcfg = quant_config(cfg, sampler_timesteps(teacher, cfg.sampler))
     dcfg = distill_config(cfg)
-    select_blocks(unet_blocks(teacher.unet), list(dcfg.blocks))  # bad input fails before any work
+    select_blocks(unet_blocks(teacher.unet, dcfg.granularity), list(dcfg.blocks))  # bad input fails before any work
     if str(cfg.method.scaling) not in SCALINGS:
         raise choice_error("method.scaling", cfg.method.scaling, SCALINGS)
     resume = bool(cfg.task.resume)
@@ -134,6 +134,8 @@ def run(cfg: Any) -> dict[str, Any]:
             if cfg.task.evaluate:
                 ev = evaluate_models(cfg, teacher, {"fp": teacher.unet, "student": student}, out)
                 print(format_table(ev["rows"]))
+                side_by_side_png([out / "samples_fp.png", out / "samples_student.png"],
+                                 out / "samples_teacher_vs_student.png")
                 results.update(ev)
                 log_eval(logger, ev, out, scaling_report, student)
             results["wall_seconds"] = time.time() - start
@@ -144,6 +146,21 @@ def run(cfg: Any) -> dict[str, Any]:
         finish_logger(logger)
 
 
+def side_by_side_png(paths: list[Path], dest: Path, gap: int = 8) -> Path:
+    """Paste PNGs left to right on a white canvas (teacher | student grids)."""
+    from PIL import Image
+
+    imgs = [Image.open(p) for p in paths]
+    canvas = Image.new(imgs[0].mode, (sum(i.width for i in imgs) + gap * (len(imgs) - 1),
+                                      max(i.height for i in imgs)), 255)
+    x = 0
+    for i in imgs:
+        canvas.paste(i, (x, 0))
+        x += i.width + gap
+    canvas.save(dest)
+    return dest
+
+
 def log_eval(logger: Any, ev: dict[str, Any], out: Path, scaling_report: list, student: torch.nn.Module) -> None:
     """wandb: metrics, teacher-vs-student sample grid, WD statistics table, final Δ_x tables."""
     if not logger:
@@ -152,12 +169,9 @@ def log_eval(logger: Any, ev: dict[str, Any], out: Path, scaling_report: list, s
     if not is_wandb(logger):
         return
     import wandb
-    from PIL import Image
 
-    fp, st = out / "samples_fp.png", out / "samples_student.png"
-    if fp.is_file() and st.is_file():
-        logger.experiment.log({"samples/teacher_vs_student": wandb.Image(Image.open(fp)),
-                               "samples/student": wandb.Image(Image.open(st))}, commit=False)
+    logger.experiment.log({"samples/teacher_vs_student": wandb.Image(
+        str(out / "samples_teacher_vs_student.png"), caption="teacher | student")}, commit=False)
     if scaling_report:
         cols = sorted({k for r in scaling_report for k in r if not isinstance(r[k], (list, dict))})
         rows = [[",".join(r["layers"])] + [r.get(c) for c in cols] for r in scaling_report]
