@@ -7,7 +7,7 @@ from dq.errors import DQError
 from dq.models.load import build_tiny
 
 
-@pytest.mark.parametrize("granularity", ["block", "module"])
+@pytest.mark.parametrize("granularity", ["block", "module", "model"])
 @pytest.mark.parametrize("arch", ["unet2d", "unet2d_cond"])
 def test_blocks_in_order_equal_the_unet_forward(arch, granularity):
     unet = build_tiny(arch).unet
@@ -22,6 +22,9 @@ def test_blocks_in_order_equal_the_unet_forward(arch, granularity):
     assert torch.equal(out.sample, ref)
     assert out.res == ()  # every skip tensor pushed by a down block was consumed by an up block
     names = [b.name for b in blocks]
+    if granularity == "model":
+        assert names == ["model"]
+        return
     assert names[0] == "stem" and names[-1] == "head" and any(n.startswith("mid") for n in names)
     # every parameter belongs to exactly one block
     owned = [id(p) for b in blocks for p in b.parameters()]
@@ -54,5 +57,5 @@ def test_module_granularity_names_and_bad_value():
     assert names[:6] == ["stem", "down.0.resnets.0", "down.0.downsamplers.0", "down.1.resnets.0",
                          "down.1.attentions.0", "down.1.downsamplers.0"]
     assert "up.1.attentions.1" in names and names[-1] == "head"
-    with pytest.raises(DQError, match="distill.granularity 'layer'; valid choices: block, module"):
+    with pytest.raises(DQError, match="distill.granularity 'layer'; valid choices: block, module, model"):
         unet_blocks(build_tiny("unet2d").unet, "layer")

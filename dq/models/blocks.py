@@ -58,7 +58,7 @@ def _is_cross(block: nn.Module) -> bool:
     return bool(getattr(block, "has_cross_attention", False))
 
 
-GRANULARITIES = ("block", "module")
+GRANULARITIES = ("block", "module", "model")
 
 
 def unet_blocks(unet: nn.Module, granularity: str = "block") -> list[Block]:
@@ -67,6 +67,8 @@ def unet_blocks(unet: nn.Module, granularity: str = "block") -> list[Block]:
     ``granularity="module"`` splits every down / mid / up block into its ResNets, attentions and
     resamplers ("down.1.resnets.0", "down.1.attentions.0", "down.1.downsamplers.0", ...): finer
     distillation units, replaying the block's own control flow (tested equal to the block forward).
+    ``granularity="model"`` is one unit, the whole UNet against the teacher's output: full-model QAT
+    (the paper's costly baseline) through the same distillation code.
     """
     if granularity not in GRANULARITIES:
         raise choice_error("distill.granularity", granularity, GRANULARITIES)
@@ -107,6 +109,9 @@ def unet_blocks(unet: nn.Module, granularity: str = "block") -> list[Block]:
 
     if granularity == "module":
         return blocks + _module_units(unet) + [Block("head", head_modules, head)]
+    if granularity == "model":
+        parts = unet_blocks(unet, "block")
+        return [Block("model", [unet], lambda s: run_blocks(parts, s, len(parts) - 1))]
 
     for i, down in enumerate(unet.down_blocks):
         def f(s: UNetState, down=down) -> UNetState:

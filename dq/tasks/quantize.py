@@ -106,6 +106,8 @@ def run(cfg: Any) -> dict[str, Any]:
     out = run_dir(cfg)
     check_num_samples(cfg.task.num_samples)
     teacher = load_teacher(cfg.model)
+    if not cfg.method.quantize:
+        return evaluate_fp(cfg, teacher, out, start)
     qcfg = quant_config(cfg, sampler_timesteps(teacher, cfg.sampler))
     dcfg = distill_config(cfg)
     select_blocks(unet_blocks(teacher.unet, dcfg.granularity), list(dcfg.blocks))  # bad input fails before any work
@@ -144,6 +146,17 @@ def run(cfg: Any) -> dict[str, Any]:
         return {"bits": results["bits"], **results.get("summary", {}), "wall_seconds": time.time() - start}
     finally:
         finish_logger(logger)
+
+
+def evaluate_fp(cfg: Any, teacher: Teacher, out: Path, start: float) -> dict[str, Any]:
+    """method=fp: the teacher evaluated exactly like a student would be (the reference row)."""
+    ev = evaluate_models(cfg, teacher, {"fp": teacher.unet}, out)
+    print(format_table(ev["rows"]))
+    write_results(out, {"command": command_line(), "model": teacher.name, "bits": "FP",
+                        "method": OmegaConf.to_container(cfg.method), "sampler": OmegaConf.to_container(cfg.sampler),
+                        "seed": int(cfg.seed), **ev, "wall_seconds": time.time() - start,
+                        "peak_memory_mb": peak_memory_mb()})
+    return {"bits": "FP", **ev["summary"], "wall_seconds": time.time() - start}
 
 
 def side_by_side_png(paths: list[Path], dest: Path, gap: int = 8) -> Path:
