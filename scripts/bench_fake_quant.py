@@ -21,15 +21,9 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dq.models.load import DDPM_CIFAR10_UNET as DDPM_CIFAR10  # noqa: E402
 from dq.models.quantize import QuantConfig, apply_weight_dilation, calibrate, prepare  # noqa: E402
 
-DDPM_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=32, norm_eps=1e-6, attention_head_dim=None, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1,
-)
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -29,8 +29,19 @@ DIGITS_UNET = dict(
     norm_num_groups=8, attention_head_dim=16,
 )
 
-# Tiny architectures for tests: a few thousand parameters, run in milliseconds on CPU.
+# google/ddpm-cifar10-32's architecture (35.7M parameters), for benchmarks with random weights.
+DDPM_CIFAR10_UNET = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=32, norm_eps=1e-6, attention_head_dim=None, downsample_padding=0,
+    flip_sin_to_cos=False, freq_shift=1,
+)
+
+# Random-init architectures (model=tiny_unet etc.): tiny ones for tests, a few thousand
+# parameters that run in milliseconds on CPU, and ddpm_cifar10 for benchmarks.
 TINY_ARCHS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddpm_cifar10": (UNet2DModel, DDPM_CIFAR10_UNET),
     "unet2d": (UNet2DModel, dict(
         sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
