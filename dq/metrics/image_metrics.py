@@ -1,8 +1,14 @@
 """FID, KID and IS through torchmetrics, on a chosen feature backend.
 
-Real-image statistics are kept across ``reset_fake()`` (``reset_real_features=False``), so one
-object scores several models against the same reference. All states are torchmetrics states, so
-under DDP they are summed / gathered across ranks and sharded generation gives the exact metric.
+The backend runs once per image (features and logits in one pass); FID, KID and IS are fed those
+features through an identity "feature network", so cached real features (dq.metrics.reference) load
+straight into the metric states. Real statistics are kept across ``reset_fake()``, so one object
+scores several models against the same reference.
+
+Sharded generation (``sync=True`` under torch.distributed): every rank feeds its own generated
+images and every rank calls ``compute()``; torchmetrics sums the FID moments and gathers the KID /
+IS features in rank order, so with contiguous shards (rank r holds images r·N/W … (r+1)·N/W) the
+result equals the single-process one. Only rank 0 keeps the reference, so it is counted once.
 """
 from __future__ import annotations
 
@@ -10,95 +16,149 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from dq.errors import choice_error
-from dq.metrics.features import BACKENDS, DigitsClassifier, FrozenFeatures, require_torch_fidelity
+from dq.errors import DQError
+from dq.metrics.features import FeatureBackend, build_backend, extract, make_backend
 
 
-def _to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Images in [−1, 1] → uint8 [B, 3, H, W], the input torchmetrics' Inception expects."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+class _Given(nn.Module):
+    """torchmetrics ``feature=`` stand-in: what ``update`` receives is already features [B, D]."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class ImageMetrics(nn.Module):
     """FID / KID / IS of generated images against real reference images (both in [−1, 1])."""
 
-    def __init__(self, backend: str = "digits", kid_subset_size: int = 100, kid_subsets: int = 50,
-                 is_splits: int = 1, sync: bool = False) -> None:
+    def __init__(self, backend: str | FeatureBackend = "digits", kid_subset_size: int = 100, kid_subsets: int = 50,
+                 is_splits: int = 1, sync: bool = False, batch_size: int = 250) -> None:
         """``sync``: sum/gather states over the process group at compute time (sharded generation under
-        DDP, every rank calling compute); False scores only what this process saw."""
+        DDP, every rank calling compute); False scores only what this process saw. ``batch_size``:
+        images per feature-network call."""
         super().__init__()
+        self.backend = build_backend(backend) if isinstance(backend, str) else backend
+        self.sync = sync
+        self.batch_size = batch_size
+        self.kid_subset_size = kid_subset_size
         kw = {"sync_on_compute": sync}
-        if backend not in BACKENDS:
-            raise choice_error("metrics.backend", backend, BACKENDS)
-        self.backend = backend
-        if backend == "digits":
-            net = DigitsClassifier.load()
-            feats, logits = FrozenFeatures(net, "features"), FrozenFeatures(net, "logits")
-            self.fid = FrechetInceptionDistance(feature=feats, reset_real_features=False, **kw)
-            self.kid = KernelInceptionDistance(feature=feats, subset_size=kid_subset_size, subsets=kid_subsets,
+        d, k = self.backend.num_features, self.backend.num_classes
+        with warnings.catch_warnings():  # "will save all extracted features": known, and small here
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            self.fid = FrechetInceptionDistance(feature=_Given(d), reset_real_features=False, **kw)
+            self.kid = KernelInceptionDistance(feature=_Given(d), subset_size=kid_subset_size, subsets=kid_subsets,
                                                reset_real_features=False, **kw)
-            self.inception_score = InceptionScore(feature=logits, splits=is_splits, **kw)
-        else:
-            require_torch_fidelity()
-            self.fid = FrechetInceptionDistance(feature=2048, reset_real_features=False, **kw)
-            self.kid = KernelInceptionDistance(feature=2048, subset_size=kid_subset_size, subsets=kid_subsets,
-                                               reset_real_features=False, **kw)
-            self.inception_score = InceptionScore(splits=is_splits, **kw)
+            self.inception_score = InceptionScore(feature=_Given(k), splits=is_splits, **kw) if k else None
 
-    def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() if self.backend == "digits" else _to_uint8_rgb(x)
+    # ------------------------------------------------------------------------------------ updates
+    def _distributed(self) -> bool:
+        return self.sync and dist.is_available() and dist.is_initialized()
 
-    @torch.no_grad()
+    @property
+    def keeps_reference(self) -> bool:
+        """False on ranks other than 0 under ``sync``: states are summed over ranks at compute time, and
+        the reference must count once, so only rank 0 holds it (others need not even load it)."""
+        return not self._distributed() or dist.get_rank() == 0
+
+    def add_real_features(self, feats: torch.Tensor) -> None:
+        """Add reference features [N, D]; a no-op where ``keeps_reference`` is False."""
+        if not self.keeps_reference:
+            return
+        feats = feats.to(self.fid.real_features_sum.device)
+        self.fid.update(feats, real=True)
+        self.kid.update(feats, real=True)
+
+    def add_fake_features(self, feats: torch.Tensor, logits: torch.Tensor | None) -> None:
+        """Add generated images' features [B, D] and (when the backend has a classifier) logits [B, K]."""
+        dev = self.fid.fake_features_sum.device
+        self.fid.update(feats.to(dev), real=False)
+        self.kid.update(feats.to(dev), real=False)
+        if self.inception_score is not None:
+            self.inception_score.update(logits.to(dev))
+
     def update_real(self, images: torch.Tensor) -> None:
-        x = self._prep(images)
-        self.fid.update(x, real=True)
-        self.kid.update(x, real=True)
+        self.add_real_features(extract(self.backend, images, self.batch_size)[0])
 
-    @torch.no_grad()
     def update_fake(self, images: torch.Tensor) -> None:
-        x = self._prep(images)
-        self.fid.update(x, real=False)
-        self.kid.update(x, real=False)
-        self.inception_score.update(x)
+        self.add_fake_features(*extract(self.backend, images, self.batch_size))
 
     def reset_fake(self) -> None:
         self.fid.reset()
         self.kid.reset()
-        self.inception_score.reset()
+        if self.inception_score is not None:
+            self.inception_score.reset()
 
-    def compute(self) -> dict[str, float]:
-        n_real = int(self.fid.real_features_num_samples)
-        n_fake = int(self.fid.fake_features_num_samples)
-        self.kid.subset_size = min(self.kid.subset_size, n_real, n_fake)
-        with torch.random.fork_rng():  # KID draws random subsets: seed them so a score is reproducible
+    # ------------------------------------------------------------------------------------ compute
+    def _global_count(self, n: torch.Tensor) -> int:
+        if not self._distributed():
+            return int(n)
+        n = n.clone()
+        dist.all_reduce(n)
+        return int(n)
+
+    def _pack_lists(self) -> None:
+        """One tensor per list state, so every rank all-gathers the same number of tensors (ranks fed
+        different numbers of batches otherwise issue mismatched collectives)."""
+        lists = [(self.kid, "real_features", self.backend.num_features),
+                 (self.kid, "fake_features", self.backend.num_features)]
+        if self.inception_score is not None:
+            lists.append((self.inception_score, "features", self.backend.num_classes))
+        dev = self.fid.fake_features_sum.device
+        for metric, name, width in lists:
+            parts = getattr(metric, name)
+            setattr(metric, name, [torch.cat(parts) if parts else torch.empty(0, width, device=dev)])
+
+    def compute(self) -> dict[str, Any]:
+        """{"fid", "kid", "kid_std", "is", "is_std", "n_fake", "n_real"}; "is"/"is_std" are None when the
+        backend has no classifier. KID subsets and IS splits are drawn with a fixed seed (reproducible)."""
+        n_real = self._global_count(self.fid.real_features_num_samples)
+        n_fake = self._global_count(self.fid.fake_features_num_samples)
+        if n_real < 2 or n_fake < 2:
+            raise DQError(f"FID needs at least 2 real and 2 generated images, got {n_real} real and {n_fake} "
+                          f"generated; raise task.num_samples")
+        self._pack_lists()
+        self.kid.subset_size = min(self.kid_subset_size, n_real, n_fake)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             kid_mean, kid_std = self.kid.compute()
-        with warnings.catch_warnings():  # is_splits=1 has no spread: its std is NaN by design
-            warnings.filterwarnings("ignore", message="std\\(\\): degrees of freedom")
-            is_mean, is_std = self.inception_score.compute()
-        return {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
-                "is": float(is_mean), "is_std": float(is_std), "n_fake": n_fake, "n_real": n_real}
+            out: dict[str, Any] = {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
+                                   "is": None, "is_std": None}
+            if self.inception_score is not None:
+                with warnings.catch_warnings():  # is_splits=1: torch warns that the std has no degrees of freedom
+                    warnings.filterwarnings("ignore", message="std\\(\\): degrees of freedom")
+                    is_mean, is_std = self.inception_score.compute()
+                # is_splits=1 has no spread: report None rather than NaN (which is not JSON)
+                out.update({"is": float(is_mean), "is_std": None if torch.isnan(is_std) else float(is_std)})
+        return {**out, "n_fake": n_fake, "n_real": n_real}
 
 
-def score(metrics: ImageMetrics, images: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
-    """Score ``images`` as the fake set against the reference already in ``metrics``."""
+def score(metrics: ImageMetrics, images: torch.Tensor, batch_size: int | None = None) -> dict[str, Any]:
+    """Score ``images`` [N, C, H, W] as the fake set against the reference already in ``metrics``."""
     metrics.reset_fake()
-    for chunk in images.split(batch_size):
-        metrics.update_fake(chunk)
+    metrics.add_fake_features(*extract(metrics.backend, images, batch_size or metrics.batch_size))
     return metrics.compute()
 
 
-def build_metrics(metrics_cfg: Any, real_images: torch.Tensor, sync: bool = False) -> ImageMetrics:
-    with warnings.catch_warnings():  # "will save all extracted features": known, and small here
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        m = ImageMetrics(metrics_cfg.backend, metrics_cfg.kid_subset_size, metrics_cfg.kid_subsets,
-                         metrics_cfg.is_splits, sync=sync)
-    for chunk in real_images.split(500):
-        m.update_real(chunk)
+def metrics_from_config(metrics_cfg: Any, backend: FeatureBackend | None = None, sync: bool = False) -> ImageMetrics:
+    """An empty ImageMetrics from the ``metrics`` config group (reference not loaded)."""
+    return ImageMetrics(backend or make_backend(metrics_cfg), int(metrics_cfg.kid_subset_size),
+                        int(metrics_cfg.kid_subsets), int(metrics_cfg.is_splits), sync=sync,
+                        batch_size=int(metrics_cfg.get("batch_size", 250)))
+
+
+def build_metrics(metrics_cfg: Any, real_images: torch.Tensor, sync: bool = False,
+                  backend: FeatureBackend | None = None) -> ImageMetrics:
+    """ImageMetrics with ``real_images`` [N, C, H, W] as the reference (features computed, not cached;
+    see dq.metrics.reference for the cached reference of a data split)."""
+    m = metrics_from_config(metrics_cfg, backend, sync)
+    m.update_real(real_images)
     return m

@@ -45,13 +45,14 @@ def initial_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> t
 @torch.no_grad()
 def denoise(unet: torch.nn.Module, sched, x: torch.Tensor, cond: torch.Tensor | None = None,
             uncond: torch.Tensor | None = None, guidance_scale: float = 1.0, seed: int = 0,
-            on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+            on_step: Callable[[int, int, torch.Tensor], None] | None = None, eta: float = 0.0) -> torch.Tensor:
     """Run the sampler from x_T to x_0. ``on_step(step, raw_t, x_t)`` sees each model input.
 
     With ``cond`` (encoder hidden states [B, L, D]) and guidance_scale > 1, classifier-free guidance
     runs the unconditional and conditional halves in one batch (both at the same step).
     """
     gen = torch.Generator().manual_seed(seed)
+    step_kwargs = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}  # η: DDIM's stochasticity
     use_cfg = cond is not None and guidance_scale != 1.0
     for step, t in enumerate(sched.timesteps):
         if on_step is not None:
@@ -64,7 +65,7 @@ def denoise(unet: torch.nn.Module, sched, x: torch.Tensor, cond: torch.Tensor | 
             eps = unet(x, tt, encoder_hidden_states=cond).sample
         else:
             eps = unet(x, tt).sample
-        x = sched.step(eps, t, x, generator=gen).prev_sample
+        x = sched.step(eps, t, x, generator=gen, **step_kwargs).prev_sample
     return x
 
 
@@ -89,7 +90,8 @@ def sample_images(teacher: Teacher, unet: torch.nn.Module, sampler_cfg: Any, ind
         sched = make_sampler(teacher, sampler_cfg)
         x = initial_noise(chunk, teacher.sample_shape, seed).to(device)
         cond, uncond = cond_fn(chunk) if cond_fn is not None else (None, None)
-        x = denoise(unet, sched, x, cond, uncond, guidance_scale, seed=seed * 7919 + int(chunk[0]))
+        x = denoise(unet, sched, x, cond, uncond, guidance_scale, seed=seed * 7919 + int(chunk[0]),
+                    eta=float(sampler_cfg.get("eta") or 0.0))
         out.append(x.clamp(-1, 1).cpu())
         bar.update(len(chunk))
     bar.close()

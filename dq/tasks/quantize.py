@@ -26,6 +26,7 @@ from dq.data.calibration import CalibrationDataModule, load_or_generate
 from dq.distill.bkd import BlockDistiller, DistillConfig
 from dq.distill.callbacks import BlockProgressBar, QuantDashboard, RankConsistency, act_tables, is_wandb
 from dq.errors import DQError, choice_error
+from dq.metrics.callbacks import fid_callback
 from dq.models.blocks import select_blocks, unet_blocks
 from dq.models.load import Teacher, load_teacher
 from dq.models.quantize import QuantConfig, build_student, prepare
@@ -88,6 +89,9 @@ def distill(cfg: Any, teacher: Teacher, student: torch.nn.Module, calib, out: Pa
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
                            every_n_train_steps=int(cfg.distill.ckpt_every))
     callbacks = [ckpt, BlockProgressBar(), RankConsistency()] + ([QuantDashboard()] if is_wandb(logger) else [])
+    fid = fid_callback(cfg, teacher, out_dir=out)  # callbacks=fid: FID/IS after each block
+    if fid is not None:
+        callbacks.append(fid)
     # use_distributed_sampler=False: StepSeededBatches already gives each rank its own slice.
     trainer = make_trainer(cfg, max_steps=module.total_steps, logger=logger, callbacks=callbacks,
                            use_distributed_sampler=False,

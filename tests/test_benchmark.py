@@ -1,0 +1,29 @@
+"""The resumable benchmark: cells run once, finished cells are skipped, the report aggregates them."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TINY = ["--", "model=tiny_unet", "sampler.steps=4", "calib.n_samples=32", "calib.n_trajectories=8",
+        "distill.steps_per_block=1", "task.num_samples=8", "task.floor=false"]
+
+
+@pytest.mark.slow
+def test_sweep_skips_finished_cells_and_reports(tmp_path):
+    args = [sys.executable, "scripts/benchmark.py", "--methods", "fp", "ptq", "--bits", "w4a4", "--seeds", "0", "1",
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "results.md"), *TINY]
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cells = sorted(tmp_path.glob("runs/*/*/seed*/results.json"))
+    assert len(cells) == 4
+    mtimes = [c.stat().st_mtime_ns for c in cells]
+    second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0
+    assert "train.py" not in second.stdout  # nothing was launched again
+    assert [c.stat().st_mtime_ns for c in cells] == mtimes
+    md = (tmp_path / "results.md").read_text()
+    assert "| ptq | W4A4 | 2 |" in md and "| fp | FP | 2 |" in md
+    assert (tmp_path / "results_fid.png").stat().st_size > 1000
