@@ -75,9 +75,11 @@ def write_card(folder: Path, info: dict[str, Any]) -> None:
     if "metrics" in info:
         m = info["metrics"]
         lines += ["", "## Quality (digits feature network, held-out digits as reference)", "",
-                  f"measured by `{m['command']}`", "", "| images | FID | KID | IS |", "|---|---|---|---|"]
-        for row in m["rows"]:
-            lines.append(f"| {row['name']} | {row['fid']:.2f} | {row['kid']:.4f} | {row['is']:.2f} |")
+                  f"measured by `{m['command']}`", "", "| images | n | FID | KID | IS |", "|---|---|---|---|---|"]
+        pm = lambda r, k, f: f"{r[k]:{f}}" + (f" ± {r[k + '_seed_std']:{f}}" if r.get(k + "_seed_std") else "")  # noqa: E731
+        for r in m["rows"]:
+            lines.append(f"| {r['name']} | {r['n_fake']} | {pm(r, 'fid', '.2f')} | {pm(r, 'kid', '.4f')} | "
+                         f"{pm(r, 'is', '.2f')} |")
     (folder / "README.md").write_text("\n".join(lines) + "\n")
     (folder / "training.json").write_text(json.dumps(info, indent=2))
 
