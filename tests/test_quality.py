@@ -1,4 +1,6 @@
-"""Quantization quality on the embedded teacher (no training): W8A8 ≈ FP, W4A4 worse, WD helps W4A4."""
+"""Quantization quality on the embedded teacher, no training: W8A8 ≈ FP, W4A4 clearly worse, and
+Weight Dilation shrinks the weight-quantization error of a W4 student (its claim) — measured as the
+relative MSE of ε against the FP teacher on calibration inputs not used for initialisation."""
 import copy
 
 import pytest
@@ -8,6 +10,7 @@ from omegaconf import OmegaConf
 from dq.data.calibration import load_or_generate
 from dq.models.quantize import QuantConfig, build_student
 from dq.models.sampling import sampler_timesteps
+from dq.quant.quantizers import set_quant_state
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +27,28 @@ def setup(tmp_path_factory):
     return teacher, tuple(sampler_timesteps(teacher, sampler)), init, held
 
 
-def rel_mse(setup, bits, scaling):
+def rel_mse(setup, bits, scaling, weights_only=False):
     teacher, timesteps, init, (x, t) = setup
     qcfg = QuantConfig(w_bits=bits[0], a_bits=bits[1], timesteps=timesteps)
     student, _ = build_student(copy.deepcopy(teacher.unet), qcfg, init, scaling=scaling)
+    if weights_only:
+        set_quant_state(student, weight=True, act=False)
     with torch.no_grad():
         ref = teacher.unet(x, t).sample
         return float((student.eval()(x, t).sample - ref).pow(2).sum() / ref.pow(2).sum())
 
 
 @pytest.mark.slow
-def test_w8a8_close_w4a4_worse_and_wd_helps(setup):
+def test_w8a8_close_and_w4a4_clearly_worse(setup):
     w8 = rel_mse(setup, (8, 8), None)
     w4 = rel_mse(setup, (4, 4), None)
-    w4_wd = rel_mse(setup, (4, 4), "wd")
     # 8-bit min–max fake quant of a well-conditioned net: ε error of a few percent of its energy at most.
     assert w8 < 0.02, w8
     assert w4 > 5 * w8, (w4, w8)
-    assert w4_wd < w4, (w4_wd, w4)
+
+
+@pytest.mark.slow
+def test_weight_dilation_shrinks_weight_quantization_error(setup):
+    plain = rel_mse(setup, (4, 4), None, weights_only=True)
+    dilated = rel_mse(setup, (4, 4), "wd", weights_only=True)
+    assert dilated < plain, (dilated, plain)

@@ -27,19 +27,14 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: 
     return path
 
 
-def side_by_side(grids: list[torch.Tensor], path: Path, scale: int = 4) -> Path:
-    """Several equally sized image sets as one PNG, one grid next to the other (e.g. teacher | student)."""
-    n = grids[0].shape[0]
-    nrow = math.ceil(math.sqrt(n))
-    tiles = [save_grid(g, path.with_suffix(f".part{i}.png"), nrow=nrow, scale=1) for i, g in enumerate(grids)]
-    parts = [Image.open(t) for t in tiles]
-    gap = 4
-    out = Image.new(parts[0].mode, (sum(p.width for p in parts) + gap * (len(parts) - 1), parts[0].height), 255)
+def side_by_side_png(paths: list[Path], dest: Path, gap: int = 8) -> Path:
+    """Paste PNGs left to right on a white canvas (teacher | student grids)."""
+    imgs = [Image.open(p) for p in paths]
+    canvas = Image.new(imgs[0].mode, (sum(i.width for i in imgs) + gap * (len(imgs) - 1),
+                                      max(i.height for i in imgs)), 255)
     x = 0
-    for p, t in zip(parts, tiles):
-        out.paste(p, (x, 0))
-        x += p.width + gap
-        Path(t).unlink()
-    out = out.resize((out.width * scale, out.height * scale), Image.NEAREST)
-    out.save(path)
-    return path
+    for i in imgs:
+        canvas.paste(i, (x, 0))
+        x += i.width + gap
+    canvas.save(dest)
+    return dest

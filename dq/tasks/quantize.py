@@ -27,6 +27,7 @@ from dq.distill.bkd import BlockDistiller, DistillConfig
 from dq.distill.callbacks import BlockProgressBar, QuantDashboard, RankConsistency, act_tables, is_wandb
 from dq.errors import DQError, choice_error
 from dq.metrics.callbacks import fid_callback
+from dq.metrics.grid import side_by_side_png
 from dq.models.blocks import select_blocks, unet_blocks
 from dq.models.load import Teacher, load_teacher
 from dq.models.quantize import QuantConfig, build_student, prepare
@@ -161,21 +162,6 @@ def evaluate_fp(cfg: Any, teacher: Teacher, out: Path, start: float) -> dict[str
                         "seed": int(cfg.seed), **ev, "wall_seconds": time.time() - start,
                         "peak_memory_mb": peak_memory_mb()})
     return {"bits": "FP", **ev["summary"], "wall_seconds": time.time() - start}
-
-
-def side_by_side_png(paths: list[Path], dest: Path, gap: int = 8) -> Path:
-    """Paste PNGs left to right on a white canvas (teacher | student grids)."""
-    from PIL import Image
-
-    imgs = [Image.open(p) for p in paths]
-    canvas = Image.new(imgs[0].mode, (sum(i.width for i in imgs) + gap * (len(imgs) - 1),
-                                      max(i.height for i in imgs)), 255)
-    x = 0
-    for i in imgs:
-        canvas.paste(i, (x, 0))
-        x += i.width + gap
-    canvas.save(dest)
-    return dest
 
 
 def log_eval(logger: Any, ev: dict[str, Any], out: Path, scaling_report: list, student: torch.nn.Module) -> None:
