@@ -15,12 +15,8 @@ from dq.dilation import (
 from dq.quant import QuantConv2d, QuantLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny ops: thread start-up costs more than the work, and 2 threads thrash on a shared 2-core box
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hand_computed_example():

@@ -13,13 +13,8 @@ from dq.quant.fake_quant import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine is shared; OpenMP spinning on 2 busy cores makes tiny ops 30× slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny ops: thread start-up costs more than the work, and 2 threads thrash on a shared 2-core box
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference(x: np.ndarray, delta: np.ndarray, z: np.ndarray, bits: int) -> np.ndarray:

@@ -27,12 +27,8 @@ from dq.quant import QuantConv2d, QuantLinear, TemporalActQuantizer
 TIMESTEPS = tuple(range(999, 0, -100))  # 10 steps: 999, 899, …, 99
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny ops: thread start-up costs more than the work, and 2 threads thrash on a shared 2-core box
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:

@@ -21,12 +21,8 @@ from dq.quant import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny ops: thread start-up costs more than the work, and 2 threads thrash on a shared 2-core box
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def act_quant(bits=4, steps=5, heads=None, timesteps=None):
