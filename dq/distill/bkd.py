@@ -34,9 +34,9 @@ INPUT_MODES = ("student", "teacher")
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps_per_block: int = 200
-    lr_weights: float = 1e-5
-    lr_delta_w: float = 1e-4
+    steps_per_block: int = 400
+    lr_weights: float = 1e-4
+    lr_delta_w: float = 1e-3
     lr_act: float = 1e-3
     input: str = "student"             # the student block's input: "student" prefix or "teacher" chain
     blocks: tuple[str, ...] = ()       # subset of block names to train (empty: all, in network order)
@@ -51,19 +51,27 @@ class DistillConfig:
 
 
 def param_groups(student: nn.Module, cfg: DistillConfig) -> list[dict[str, Any]]:
-    """Student parameters split into weights / Δ_w / activation tables, each with its own lr."""
-    act, dw = set(), set()
+    """Student parameters split into weights / Δ_w / activation tables, each with its own lr.
+
+    ``lr_delta_w`` and ``lr_act`` are the rates of 4-bit quantizers. Δ scales as 1/(2^b − 1) and Adam's
+    steps are absolute, so a quantizer of b bits gets lr · 15 / (2^b − 1): the same relative change of Δ
+    at any bit-width (unscaled, an 8-bit Δ moves ~17× too far per step and W8A8 training diverges).
+    One group per (kind, bits).
+    """
+    quant_params: dict[int, tuple[str, int]] = {}
     for m in student.modules():
-        if isinstance(m, TemporalActQuantizer):
-            act.update(id(p) for p in m.parameters())
-        elif isinstance(m, WeightQuantizer):
-            dw.update(id(p) for p in m.parameters())
-    groups = {"weights": [], "delta_w": [], "act": []}
+        if isinstance(m, (TemporalActQuantizer, WeightQuantizer)):
+            kind = "act" if isinstance(m, TemporalActQuantizer) else "delta_w"
+            quant_params.update({id(p): (kind, m.bits) for p in m.parameters()})
+    groups: dict[tuple[str, int], list[nn.Parameter]] = {}
     for p in student.parameters():
-        groups["act" if id(p) in act else "delta_w" if id(p) in dw else "weights"].append(p)
-    lrs = {"weights": cfg.lr_weights, "delta_w": cfg.lr_delta_w, "act": cfg.lr_act}
-    return [{"params": ps, "lr": lrs[name], "base_lr": lrs[name], "name": name}
-            for name, ps in groups.items() if ps]
+        groups.setdefault(quant_params.get(id(p), ("weights", 0)), []).append(p)
+    base = {"weights": cfg.lr_weights, "delta_w": cfg.lr_delta_w, "act": cfg.lr_act}
+    out = []
+    for (kind, bits), ps in sorted(groups.items()):
+        lr = base[kind] if kind == "weights" else base[kind] * 15 / (2 ** bits - 1)
+        out.append({"params": ps, "lr": lr, "base_lr": lr, "name": kind if kind == "weights" else f"{kind}_{bits}bit"})
+    return out
 
 
 class BlockDistiller(L.LightningModule):
