@@ -103,6 +103,15 @@ def test_resume_mid_curriculum_gives_the_same_student(tmp_path):
         assert torch.equal(full[k], resumed[k]), k
 
 
+def test_optimizer_holds_state_only_for_the_block_in_training(tmp_path):
+    teacher, calib, qcfg, student = tiny_setup(tmp_path)
+    module = fit(student, teacher, calib, DistillConfig(steps_per_block=2))
+    state = module.optimizers().optimizer.state
+    last = {id(p) for p in module.student_blocks[module.schedule[-1]].parameters()}
+    assert state and {id(p) for p in state} <= last  # earlier blocks' Adam moments were dropped
+    assert len(last) < sum(1 for _ in student.parameters())
+
+
 def test_teacher_is_not_in_the_checkpoint_and_student_reloads(tmp_path):
     teacher, calib, qcfg, student = tiny_setup(tmp_path)
     module = fit(student, teacher, calib, DistillConfig(steps_per_block=1), ckpt_dir=tmp_path / "ck")

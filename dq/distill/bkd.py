@@ -9,8 +9,9 @@ needs no extra state. For block k:
     input  = student blocks 0..k-1 (quantized prefix)         (no grad; or the teacher's, as option)
     loss   = mean over the block's outputs of MSE(student block k(input), target)
 
-Only block k's parameters get gradients, so memory is that of one block. Its weights, Δ_w and
-per-step activation tables (Δ_x, z_x) train together, each with its own learning rate.
+Only block k's parameters get gradients, and when block k starts the Adam moments of finished
+blocks are dropped (they never train again), so training memory is that of one block. Its weights,
+Δ_w and per-step activation tables (Δ_x, z_x) train together, each with its own learning rate.
 
 The teacher is held outside the module registry: it is not in the checkpoint and DDP never wraps it.
 """
@@ -48,6 +49,19 @@ class DistillConfig:
             raise choice_error("distill.input", self.input, INPUT_MODES)
         if self.steps_per_block < 1:
             raise DQError(f"distill.steps_per_block={self.steps_per_block} must be >= 1")
+
+
+def keep_optimizer_state(optimizer: torch.optim.Optimizer, params) -> int:
+    """Drop the optimizer state (Adam moments) of every parameter not in ``params``; returns how many.
+
+    Called when a block starts: finished blocks never get gradients again, so their moments are dead
+    weight — up to 2 × the model's size by the last block.
+    """
+    keep = {id(p) for p in params}
+    dead = [p for p in optimizer.state if id(p) not in keep]
+    for p in dead:
+        del optimizer.state[p]
+    return len(dead)
 
 
 def param_groups(student: nn.Module, cfg: DistillConfig) -> list[dict[str, Any]]:
@@ -129,6 +143,8 @@ class BlockDistiller(L.LightningModule):
         k = self.block_index(step)
         name = self.student_blocks[k].name
         opt = self.optimizers()
+        if step % self.cfg.steps_per_block == 0:  # a block starts (also right after a resume at a boundary)
+            keep_optimizer_state(opt.optimizer, self.student_blocks[k].parameters())
         factor = self.lr_factor(step)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
