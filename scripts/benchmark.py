@@ -4,18 +4,24 @@
     python scripts/benchmark.py --methods dilatequant ptq --bits w4a4 --seeds 0   # a slice
 
 Each cell is one `python train.py method=M quant=B seed=S` run in its own directory under
-``--runs`` (default benchmarks/); a cell whose results.json exists is not recomputed, so an
-interrupted benchmark continues where it stopped. The report aggregates whatever cells exist.
+``--runs`` (default benchmarks/), its output in that directory's cell.log; a cell whose results.json
+exists is not recomputed, so an interrupted benchmark continues where it stopped; a cell that
+another live invocation is running (its running.pid) is left to it, so several invocations can share
+one grid. The report aggregates whatever cells exist and names the protocol (extra overrides) each was run with.
+Quantized cells sample only the student; the FP reference is the ``fp`` row.
 Extra hydra overrides after ``--`` apply to every cell (e.g. ``-- task.num_samples=2000``).
+``--jobs N`` runs N cells at once, each with cores/N threads (two 2-thread jobs on 2 cores thrash).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,18 +34,40 @@ def cell_dir(runs: Path, method: str, bits: str, seed: int) -> Path:
     return runs / method / ("fp" if method == "fp" else bits) / f"seed{seed}"
 
 
-def run_cell(runs: Path, method: str, bits: str, seed: int, extra: list[str]) -> bool:
-    """Run one cell unless its results exist; True if it ran now."""
+def run_cell(runs: Path, method: str, bits: str, seed: int, extra: list[str], threads: int | None = None) -> bool:
+    """Run one cell unless its results exist; True if it ran now. Output goes to the cell's cell.log."""
     out = cell_dir(runs, method, bits, seed)
-    if (out / "results.json").is_file():
+    if (out / "results.json").is_file() or running_elsewhere(out):
         return False
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.json").write_text(json.dumps({"extra": extra}))
+    (out / "running.pid").write_text(str(os.getpid()))
     cmd = [sys.executable, "train.py", f"method={method}", f"quant={bits}", f"seed={seed}", "logger=none",
-           f"hydra.run.dir={out}", *extra]
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT)
-    if proc.returncode != 0:
-        print(f"cell {method}/{bits}/seed{seed} failed (exit {proc.returncode}); continuing", flush=True)
+           "task.compare_fp=false", f"hydra.run.dir={out}", *extra]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
+    print(f"[{time.strftime('%H:%M:%S')}] start {' '.join(cmd[1:])}", flush=True)
+    start = time.time()
+    with open(out / "cell.log", "w") as logf:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    (out / "running.pid").unlink(missing_ok=True)
+    status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out / 'cell.log'}); continuing"
+    print(f"[{time.strftime('%H:%M:%S')}] {method}/{bits}/seed{seed} {status} in {time.time() - start:.0f} s",
+          flush=True)
     return True
+
+
+def running_elsewhere(out: Path) -> bool:
+    """True while another live benchmark process runs this cell (so two invocations share the grid)."""
+    try:
+        pid = int((out / "running.pid").read_text())
+        if pid == os.getpid():
+            return False
+        os.kill(pid, 0)
+        return True
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
 
 
 def mean_std(xs: list[float]) -> str:
@@ -53,8 +81,11 @@ def collect(runs: Path) -> dict[tuple[str, str], list[dict]]:
     for f in sorted(runs.glob("*/*/seed*/results.json")):
         r = json.loads(f.read_text())
         row = next(x for x in r["rows"] if x["name"] == ("fp" if r["bits"] == "FP" else "student"))
+        proto = f.with_name("protocol.json")
+        extra = " ".join(json.loads(proto.read_text())["extra"]) if proto.is_file() else ""
         cells.setdefault((f.parts[-4], f.parts[-3]), []).append(
-            {**row, "wall_seconds": r["wall_seconds"], "peak_memory_mb": r["peak_memory_mb"]})
+            {**row, "wall_seconds": r["wall_seconds"], "peak_memory_mb": r["peak_memory_mb"],
+             "extra": extra or "defaults"})
     return cells
 
 
@@ -75,6 +106,12 @@ def report(runs: Path, out_md: Path, command: str) -> None:
                          f"{mean_std([1e3 * r['kid'] for r in rs])} | {mean_std([r['is'] for r in rs])} | "
                          f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} | "
                          f"{max(r['peak_memory_mb'] for r in rs):.0f} |")
+    protocols = sorted({r["extra"] for rs in cells.values() for r in rs})
+    if len(protocols) > 1:
+        lines += ["", "**Cells were run with different protocols** (extra overrides): "
+                  + "; ".join(f"`{p}`" for p in protocols) + " — rows mixing them are not comparable."]
+    else:
+        lines += ["", f"Protocol (extra overrides on every cell): `{protocols[0] if protocols else 'defaults'}`."]
     png = out_md.with_name("results_fid.png")
     plot(cells, png)
     lines += ["", f"![FID vs bits per method]({png.name})"]
@@ -117,15 +154,17 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "benchmarks")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--report-only", action="store_true", help="aggregate existing cells, run nothing")
+    ap.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs={args.jobs}: give 1 or more")
     if not args.report_only:
-        for seed in args.seeds:
-            for bits in args.bits:
-                for m in args.methods:
-                    if m == "fp" and bits != args.bits[0]:
-                        continue  # fp does not depend on bits
-                    run_cell(args.runs.resolve(), m, bits, seed, extra)
+        grid = [(m, bits, seed) for seed in args.seeds for bits in args.bits for m in args.methods
+                if not (m == "fp" and bits != args.bits[0])]  # fp does not depend on bits
+        threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda c: run_cell(args.runs.resolve(), *c, extra, threads), grid))
     report(args.runs.resolve(), args.out, "python scripts/benchmark.py " + " ".join(sys.argv[1:]))
 
 

@@ -1,4 +1,5 @@
 """The resumable benchmark: cells run once, finished cells are skipped, the report aggregates them."""
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ def test_sweep_skips_finished_cells_and_reports(tmp_path):
     args = [sys.executable, "scripts/benchmark.py", "--methods", "fp", "ptq", "--bits", "w4a4", "--seeds", "0", "1",
             "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "results.md"), *TINY]
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    first = subprocess.run([*args[:2], "--jobs", "2", *args[2:]], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     cells = sorted(tmp_path.glob("runs/*/*/seed*/results.json"))
     assert len(cells) == 4
@@ -26,4 +28,18 @@ def test_sweep_skips_finished_cells_and_reports(tmp_path):
     assert [c.stat().st_mtime_ns for c in cells] == mtimes
     md = (tmp_path / "results.md").read_text()
     assert "| ptq | W4A4 | 2 |" in md and "| fp | FP | 2 |" in md
+    assert "Protocol (extra overrides on every cell): `model=tiny_unet" in md
     assert (tmp_path / "results_fid.png").stat().st_size > 1000
+
+
+def test_a_cell_running_in_another_live_process_is_left_to_it(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import running_elsewhere
+
+    assert not running_elsewhere(tmp_path)  # no marker
+    (tmp_path / "running.pid").write_text(str(os.getppid()))  # a live process that is not us
+    assert running_elsewhere(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "running.pid").write_text(str(dead.pid))  # its runner died: the cell is free again
+    assert not running_elsewhere(tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -132,7 +133,7 @@ def load_or_generate(teacher: Teacher, sampler_cfg: Any, calib_cfg: Any, cache_d
         raise DQError(f"calib.path={explicit!r} does not exist; omit it to generate and cache automatically")
     cs = generate(teacher, sampler_cfg, calib_cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # one temp file per process: parallel cells may race
     torch.save(cs.__dict__, tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written cache
     return cs

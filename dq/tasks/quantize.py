@@ -139,10 +139,13 @@ def run(cfg: Any) -> dict[str, Any]:
                          OmegaConf.to_container(cfg, resolve=False))
             results["train_seconds"] = time.time() - start
             if cfg.task.evaluate:
-                ev = evaluate_models(cfg, teacher, {"fp": teacher.unet, "student": student}, out)
+                compare = bool(cfg.task.get("compare_fp", True))
+                models = {"fp": teacher.unet, "student": student} if compare else {"student": student}
+                ev = evaluate_models(cfg, teacher, models, out)
                 print(format_table(ev["rows"]))
-                side_by_side_png([out / "samples_fp.png", out / "samples_student.png"],
-                                 out / "samples_teacher_vs_student.png")
+                if compare:
+                    side_by_side_png([out / "samples_fp.png", out / "samples_student.png"],
+                                     out / "samples_teacher_vs_student.png")
                 results.update(ev)
                 log_eval(logger, ev, out, scaling_report, student)
             results["wall_seconds"] = time.time() - start
@@ -173,8 +176,10 @@ def log_eval(logger: Any, ev: dict[str, Any], out: Path, scaling_report: list, s
         return
     import wandb
 
-    logger.experiment.log({"samples/teacher_vs_student": wandb.Image(
-        str(out / "samples_teacher_vs_student.png"), caption="teacher | student")}, commit=False)
+    pair = out / "samples_teacher_vs_student.png"
+    if pair.is_file():
+        logger.experiment.log({"samples/teacher_vs_student": wandb.Image(str(pair), caption="teacher | student")},
+                              commit=False)
     if scaling_report:
         cols = sorted({k for r in scaling_report for k in r if not isinstance(r[k], (list, dict))})
         rows = [[",".join(r["layers"])] + [r.get(c) for c in cols] for r in scaling_report]
