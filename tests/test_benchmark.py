@@ -43,3 +43,21 @@ def test_a_cell_running_in_another_live_process_is_left_to_it(tmp_path):
     dead.wait()
     (tmp_path / "running.pid").write_text(str(dead.pid))  # its runner died: the cell is free again
     assert not running_elsewhere(tmp_path)
+
+
+def test_comparison_verdicts_use_the_seed_spread():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import comparison
+
+    def cell(*fids):
+        return [{"fid": f, "seed": i} for i, f in enumerate(fids)]
+
+    cells = {("dilatequant", "w4a4"): cell(2.0, 2.2, 2.1), ("ptq", "w4a4"): cell(6.0, 6.3, 5.9),
+             ("dilatequant_no_wd", "w4a4"): cell(2.1, 2.0, 2.3), ("smoothquant_bkd", "w4a4"): cell(1.0, 1.1, 1.2),
+             ("dilatequant_no_tpq", "w4a4"): cell(3.0)}  # one seed: no verdict
+    rows = {line.split(" | ")[0].strip("| "): line for line in comparison(cells) if line.startswith("| ")}
+    assert "beyond spread" in rows["ptq"] and "DilateQuant better" in rows["ptq"]
+    assert "+4.00" in rows["ptq"] and "+4.00, +4.10, +3.80" in rows["ptq"]
+    assert "within seed spread" in rows["dilatequant_no_wd"]
+    assert "DilateQuant worse, beyond spread" in rows["smoothquant_bkd"]
+    assert "dilatequant_no_tpq" not in rows
