@@ -10,7 +10,8 @@ another live invocation is running (its running.pid) is left to it, so several i
 one grid. The report aggregates whatever cells exist and names the protocol (extra overrides) each was run with.
 Quantized cells sample only the student; the FP reference is the ``fp`` row.
 Extra hydra overrides after ``--`` apply to every cell (e.g. ``-- task.num_samples=2000``).
-``--jobs N`` runs N cells at once, each with cores/N threads (two 2-thread jobs on 2 cores thrash).
+``--jobs N`` runs N cells at once, each with cores/N threads (two 2-thread jobs on 2 cores thrash:
+10–30× slower). Running several invocations side by side, give each ``OMP_NUM_THREADS`` yourself.
 """
 from __future__ import annotations
 
