@@ -132,7 +132,8 @@ def report(runs: Path, out_md: Path, command: str) -> None:
              f"and writes this file; this copy was written by `{command}` from the cells under `{where}`. "
              "Each cell: `python train.py method=M quant=B seed=S`; FID/KID/IS of the student's samples "
              "against the held-out digits (digits feature network), mean ± std over seeds; wall time covers "
-             "calibration, training and evaluation; peak memory is the process's peak RSS.", "",
+             "calibration, training and evaluation, and grows with whatever else shared the machine "
+             "(cells run side by side: compare it only roughly); peak memory is the process's peak RSS.", "",
              "| method | bits | seeds | FID | KID | IS | wall s | peak MB |", "|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         for b in (["fp"] if m == "fp" else BITS):
@@ -159,12 +160,14 @@ def report(runs: Path, out_md: Path, command: str) -> None:
 
 def plot(cells: dict, png: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = list(range(len(BITS)))
+    quantized = [m for m in METHODS if m != "fp"]
     for m in METHODS:
         if m == "fp":
             if ("fp", "fp") in cells:
@@ -172,11 +175,14 @@ def plot(cells: dict, png: Path) -> None:
             continue
         pts = [(i, [r["fid"] for r in cells[(m, b)]]) for i, b in enumerate(BITS) if (m, b) in cells]
         if pts:
-            ax.errorbar([i for i, _ in pts], [statistics.mean(v) for _, v in pts],
+            dx = 0.06 * (quantized.index(m) - (len(quantized) - 1) / 2)  # side by side, not on top
+            ax.errorbar([i + dx for i, _ in pts], [statistics.mean(v) for _, v in pts],
                         yerr=[statistics.stdev(v) if len(v) > 1 else 0 for _, v in pts], marker="o", capsize=3,
                         label=m)
     ax.set_xticks(xs, [b.upper() for b in BITS])
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_ylabel("FID (digits features, log scale)")
     ax.set_title("FID vs bit-width per method (mean ± std over seeds)")
     ax.legend(fontsize=8)
