@@ -88,7 +88,8 @@ def collect(runs: Path) -> dict[tuple[str, str], list[dict]]:
         extra = " ".join(json.loads(proto.read_text())["extra"]) if proto.is_file() else ""
         cells.setdefault((f.parts[-4], f.parts[-3]), []).append(
             {**row, "wall_seconds": r["wall_seconds"], "peak_memory_mb": r["peak_memory_mb"],
-             "extra": extra or "defaults", "seed": int(f.parts[-2].removeprefix("seed"))})
+             "extra": extra or "defaults", "seed": int(f.parts[-2].removeprefix("seed")),
+             "scaling": r.get("weight_dilation") or []})
     return cells
 
 
@@ -124,6 +125,30 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
     return lines
 
 
+def scaling_effect(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """What WD / SmoothQuant did to the activations, from the cells' per-layer scaling reports.
+
+    Per layer: per-tensor range after / before, and the channel imbalance (largest per-channel range
+    over the median one) before → after; medians over layers and over every seed of the cell.
+    """
+    rows = []
+    for (m, b), rs in sorted(cells.items()):
+        layers = [x for r in rs for x in r["scaling"] if "act_absmax_after" in x]
+        if not layers:
+            continue
+        shrink = statistics.median(x["act_absmax_after"] / x["act_absmax_before"] for x in layers)
+        before = statistics.median(x["act_absmax_before"] / x["act_median_before"] for x in layers)
+        after = statistics.median(x["act_absmax_after"] / x["act_median_after"] for x in layers)
+        rows.append(f"| {m} | {b.upper()} | {len(layers) // len(rs)} | {shrink:.2f} | {before:.2f} → {after:.2f} |")
+    if not rows:
+        return []
+    return ["", "## What the scaling did to the activations", "",
+            "Medians over layers (and seeds) of the per-tensor activation range after / before scaling, "
+            "and of the channel imbalance (largest per-channel range / median per-channel range).", "",
+            "| method | bits | layer groups | range after / before | channel imbalance before → after |",
+            "|---|---|---|---|---|", *rows]
+
+
 def report(runs: Path, out_md: Path, command: str) -> None:
     cells = collect(runs)
     where = runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs
@@ -150,7 +175,7 @@ def report(runs: Path, out_md: Path, command: str) -> None:
                   + "; ".join(f"`{p}`" for p in protocols) + " — rows mixing them are not comparable."]
     else:
         lines += ["", f"Protocol (extra overrides on every cell): `{protocols[0] if protocols else 'defaults'}`."]
-    lines += comparison(cells)
+    lines += comparison(cells) + scaling_effect(cells)
     png = out_md.with_name("results_fid.png")
     plot(cells, png)
     lines += ["", f"![FID vs bits per method]({png.name})"]

@@ -61,3 +61,14 @@ def test_comparison_verdicts_use_the_seed_spread():
     assert "within seed spread" in rows["dilatequant_no_wd"]
     assert "DilateQuant worse, beyond spread" in rows["smoothquant_bkd"]
     assert "dilatequant_no_tpq" not in rows
+
+
+def test_scaling_effect_summarises_the_cells_scaling_reports():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import scaling_effect
+
+    layer = {"act_absmax_before": 4.0, "act_absmax_after": 2.0, "act_median_before": 1.0, "act_median_after": 1.0}
+    cells = {("smoothquant_bkd", "w4a4"): [{"scaling": [layer, layer]}, {"scaling": [layer, layer]}],
+             ("ptq", "w4a4"): [{"scaling": []}]}  # no scaling: no row
+    rows = [line for line in scaling_effect(cells) if line.startswith("| smoothquant") or line.startswith("| ptq")]
+    assert rows == ["| smoothquant_bkd | W4A4 | 2 | 0.50 | 4.00 → 2.00 |"]

@@ -51,17 +51,15 @@ class DistillConfig:
             raise DQError(f"distill.steps_per_block={self.steps_per_block} must be >= 1")
 
 
-def keep_optimizer_state(optimizer: torch.optim.Optimizer, params) -> int:
-    """Drop the optimizer state (Adam moments) of every parameter not in ``params``; returns how many.
+def keep_optimizer_state(optimizer: torch.optim.Optimizer, params) -> None:
+    """Drop the optimizer state (Adam moments) of every parameter not in ``params``.
 
     Called when a block starts: finished blocks never get gradients again, so their moments are dead
     weight — up to 2 × the model's size by the last block.
     """
     keep = {id(p) for p in params}
-    dead = [p for p in optimizer.state if id(p) not in keep]
-    for p in dead:
+    for p in [p for p in optimizer.state if id(p) not in keep]:
         del optimizer.state[p]
-    return len(dead)
 
 
 def param_groups(student: nn.Module, cfg: DistillConfig) -> list[dict[str, Any]]:
