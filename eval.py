@@ -1,6 +1,7 @@
 """Evaluation entry point: `python eval.py` (see conf/eval.yaml). All work is in dq.tasks.evaluate."""
 import hydra
 
+from dq import cli
 from dq.tasks.common import main
 
 
@@ -10,4 +11,4 @@ def evaluate(cfg):
 
 
 if __name__ == "__main__":
-    evaluate()
+    cli.run("eval", evaluate)

@@ -1,6 +1,7 @@
 """Train entry point: `python train.py` (see conf/train.yaml). Thin by design: all work is in dq.tasks."""
 import hydra
 
+from dq import cli
 from dq.tasks.common import main
 
 
@@ -10,4 +11,4 @@ def train(cfg):
 
 
 if __name__ == "__main__":
-    train()
+    cli.run("train", train)

@@ -81,13 +81,14 @@ def worker(mode: str, arch: str, batch: int, iters: int) -> dict:
     from diffusers import DDIMScheduler
 
     from dq.distill.bkd import BlockDistiller, DistillConfig, keep_optimizer_state, param_groups
-    from dq.models.load import build_tiny
-    from dq.models.quantize import QuantConfig, build_student
+    from dq.models.load import build_arch
+    from dq.models.student import calibrate, prepare, weight_dilation
+    from dq.quant.config import QuantConfig
 
-    logging.getLogger("dq.models.quantize").setLevel(logging.ERROR)
+    logging.getLogger("dq.quant.calibration").setLevel(logging.ERROR)
     libs = current_rss_mb()  # the interpreter and libraries: what a GPU's allocated-memory figure would not count
     torch.manual_seed(0)
-    teacher = build_tiny(arch).unet
+    teacher = build_arch(arch).denoiser
     c = teacher.config
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(100)
@@ -95,12 +96,14 @@ def worker(mode: str, arch: str, batch: int, iters: int) -> dict:
     qcfg = QuantConfig(w_bits=4, a_bits=4, timesteps=tuple(ts.tolist()))
     x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size)
     t = ts[torch.randint(0, len(ts), (batch,))]
-    student, _ = build_student(copy.deepcopy(teacher), qcfg, [(x, t, None)], scaling="wd")
+    student = prepare(copy.deepcopy(teacher), qcfg)
+    weight_dilation(student, [(x, t, None)])
+    calibrate(student, [(x, t, None)], "minmax")
     student.train().requires_grad_(True)
     gran = {"bkd": "block", "bkd_module": "module", "qat": "model"}[mode]
     module = BlockDistiller(student, teacher, DistillConfig(steps_per_block=iters, granularity=gran))
     opt = torch.optim.Adam(param_groups(student, module.cfg))
-    batch_d = {"x": x, "t": t, "row": student.dq_step_index.rows(t)}
+    batch_d = {"x": x, "t": t}  # table rows follow from t
     base = current_rss_mb()  # libraries + teacher + student + data
     times = []
     with PeakRSS() as train:

@@ -21,8 +21,9 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dq.models.load import DDPM_CIFAR10_UNET as DDPM_CIFAR10  # noqa: E402
-from dq.models.quantize import QuantConfig, apply_weight_dilation, calibrate, prepare  # noqa: E402
+from dq.models.families.unet import DDPM_CIFAR10  # noqa: E402
+from dq.models.student import calibrate, prepare, weight_dilation  # noqa: E402
+from dq.quant.config import QuantConfig  # noqa: E402
 
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # two calibration batches cannot visit all 100 steps; the "copied from nearest step" warning is expected
-    logging.getLogger("dq.models.quantize").setLevel(logging.ERROR)
+    logging.getLogger("dq.quant.calibration").setLevel(logging.ERROR)
     torch.manual_seed(0)
 
     teacher = UNet2DModel(**DDPM_CIFAR10).eval()
@@ -66,7 +67,7 @@ def main() -> None:
         for label, wd in (("W4A4 TPQ", False), ("W4A4 TPQ + WD", True)):
             student = prepare(copy.deepcopy(teacher), QuantConfig(w_bits=4, a_bits=4, timesteps=timesteps))
             if wd:
-                apply_weight_dilation(student)
+                weight_dilation(student)
             calibrate(student, [(*batch(s), None) for s in (1, 2)])
             q_ms = median_ms(lambda: student(x, t), args.repeats)
             rows.append((label, q_ms))

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dq.config import typed  # noqa: E402
 from dq.data.calibration import load_or_generate  # noqa: E402
-from dq.models.load import EMBEDDED_TEACHER, load_teacher  # noqa: E402
-from dq.models.quantize import build_student  # noqa: E402
+from dq.models.load import EMBEDDED_TEACHER, load_model  # noqa: E402
 from dq.models.sampling import sample_images, sampler_timesteps  # noqa: E402
-from dq.tasks.quantize import calibration_batches, quant_config  # noqa: E402
+from dq.models.student import calibrate, prepare, weight_dilation  # noqa: E402
+from dq.quant.config import QuantConfig  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,17 +68,21 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"model={model}", f"quant={args.quant}", f"sampler.name={args.sampler}",
                                           f"sampler.steps={args.steps}", "logger=none"])
-    teacher = load_teacher(cfg.model)
+    teacher = load_model(typed(cfg, "model"))
+    sampler = typed(cfg, "sampler")
     # small calibration: 16 trajectories, every step of each (enough to initialise the tables)
-    calib_cfg = OmegaConf.merge(cfg.calib, {"n_samples": 16 * args.steps, "n_trajectories": 16, "batch_size": 16})
-    calib = load_or_generate(teacher, cfg.sampler, calib_cfg, Path(args.cache_dir))
-    qcfg = quant_config(cfg, sampler_timesteps(teacher, cfg.sampler))
-    student, _ = build_student(copy.deepcopy(teacher.unet), qcfg, calibration_batches(calib, len(calib)))
-    teacher.unet.to(args.device)
+    calib_cfg = dataclasses.replace(typed(cfg, "calib"), n_samples=16 * args.steps, n_trajectories=16, batch_size=16)
+    calib = load_or_generate(teacher, sampler, calib_cfg, Path(args.cache_dir))
+    qcfg = QuantConfig.from_spec(typed(cfg, "quant"), sampler_timesteps(teacher, sampler), shared_tables=False)
+    student = prepare(copy.deepcopy(teacher.denoiser), qcfg)
+    batches = calib.batches(len(calib))
+    weight_dilation(student, batches)
+    calibrate(student, batches, "minmax")
+    teacher.denoiser.to(args.device)
     student.eval().to(args.device)
-    rates = {name: images_per_second(teacher, unet, cfg.sampler, args.num_images, args.batch_size, args.seed,
+    rates = {name: images_per_second(teacher, unet, sampler, args.num_images, args.batch_size, args.seed,
                                      args.device)
-             for name, unet in (("fp", teacher.unet), ("student", student))}
+             for name, unet in (("fp", teacher.denoiser), ("student", student))}
     bits = f"W{qcfg.w_bits}A{qcfg.a_bits}"
     where = f"{args.device} ({torch.get_num_threads()} threads)" if args.device == "cpu" else \
         torch.cuda.get_device_name(args.device)

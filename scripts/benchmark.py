@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["fp", "ptq", "lsq_qat", "smoothquant_bkd", "dilatequant_no_wd", "dilatequant_no_tpq",
+METHODS = ["fp", "ptq", "lsq_qat", "efficientdm", "smoothquant_bkd", "dilatequant_no_wd", "dilatequant_no_tpq",
            "dilatequant_no_bkd", "dilatequant"]
 BITS = ["w4a4", "w4a8", "w6a6", "w8a8"]
 
@@ -79,17 +79,39 @@ def mean_std(xs: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
-def collect(runs: Path) -> dict[tuple[str, str], list[dict]]:
-    cells: dict[tuple[str, str], list[dict]] = {}
+SCORES = ("fid", "kid", "is", "n_fake", "n_real")
+
+
+def _scaling_ratios(report: list[dict]) -> list[list[float]]:
+    """Per scaled layer group: [range after / before, imbalance before, imbalance after] (see scaling_effect)."""
+    return [[x["act_absmax_after"] / x["act_absmax_before"], x["act_absmax_before"] / x["act_median_before"],
+             x["act_absmax_after"] / x["act_median_after"]] for x in report if "act_absmax_after" in x]
+
+
+def collect(runs: Path, ledger: Path | None = None) -> dict[tuple[str, str], list[dict]]:
+    """Every cell: those recorded in the committed ``ledger`` (docs/results_cells.json), overridden by the
+    finished cells under ``runs``; the merged set is written back to the ledger, so a cell's numbers
+    outlive the machine that ran it and the report can be regenerated from the repository alone."""
+    merged: dict[tuple[str, str, int], dict] = {}
+    if ledger is not None and ledger.is_file():
+        for c in json.loads(ledger.read_text()):
+            merged[(c["method"], c["bits"], c["seed"])] = c
     for f in sorted(runs.glob("*/*/seed*/results.json")):
         r = json.loads(f.read_text())
         row = next(x for x in r["rows"] if x["name"] == ("fp" if r["bits"] == "FP" else "student"))
         proto = f.with_name("protocol.json")
         extra = " ".join(json.loads(proto.read_text())["extra"]) if proto.is_file() else ""
-        cells.setdefault((f.parts[-4], f.parts[-3]), []).append(
-            {**row, "wall_seconds": r["wall_seconds"], "peak_memory_mb": r["peak_memory_mb"],
-             "extra": extra or "defaults", "seed": int(f.parts[-2].removeprefix("seed")),
-             "scaling": r.get("weight_dilation") or []})
+        method, bits, seed = f.parts[-4], f.parts[-3], int(f.parts[-2].removeprefix("seed"))
+        merged[(method, bits, seed)] = {
+            "method": method, "bits": bits, "seed": seed, **{k: row.get(k) for k in SCORES},
+            "wall_seconds": r["wall_seconds"], "peak_memory_mb": r["peak_memory_mb"], "extra": extra or "defaults",
+            "command": r.get("command"), "scaling_ratios": _scaling_ratios(r.get("scaling") or [])}
+    if ledger is not None and merged:
+        ledger.write_text(json.dumps(sorted(merged.values(), key=lambda c: (c["method"], c["bits"], c["seed"])),
+                                     indent=1) + "\n")
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for (method, bits, _), c in sorted(merged.items()):
+        cells.setdefault((method, bits), []).append(c)
     return cells
 
 
@@ -133,12 +155,12 @@ def scaling_effect(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
     """
     rows = []
     for (m, b), rs in sorted(cells.items()):
-        layers = [x for r in rs for x in r["scaling"] if "act_absmax_after" in x]
+        layers = [x for r in rs for x in r["scaling_ratios"]]
         if not layers:
             continue
-        shrink = statistics.median(x["act_absmax_after"] / x["act_absmax_before"] for x in layers)
-        before = statistics.median(x["act_absmax_before"] / x["act_median_before"] for x in layers)
-        after = statistics.median(x["act_absmax_after"] / x["act_median_after"] for x in layers)
+        shrink = statistics.median(x[0] for x in layers)
+        before = statistics.median(x[1] for x in layers)
+        after = statistics.median(x[2] for x in layers)
         rows.append(f"| {m} | {b.upper()} | {len(layers) // len(rs)} | {shrink:.2f} | {before:.2f} → {after:.2f} |")
     if not rows:
         return []
@@ -150,11 +172,12 @@ def scaling_effect(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
 
 
 def report(runs: Path, out_md: Path, command: str) -> None:
-    cells = collect(runs)
+    cells = collect(runs, out_md.with_name("results_cells.json"))
     where = runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs
     lines = ["# DilateQuant vs baselines on the embedded digits teacher", "",
              "`python scripts/benchmark.py` runs the whole grid (resumable; slices with `--methods/--bits/--seeds`) "
-             f"and writes this file; this copy was written by `{command}` from the cells under `{where}`. "
+             f"and writes this file; this copy was written by `{command}` from the cells under `{where}` and those "
+             "recorded in `results_cells.json` (every finished cell's numbers, committed). "
              "Each cell: `python train.py method=M quant=B seed=S`; FID/KID/IS of the student's samples "
              "against the held-out digits (digits feature network), mean ± std over seeds; wall time covers "
              "calibration, training and evaluation, and grows with whatever else shared the machine "
@@ -176,6 +199,10 @@ def report(runs: Path, out_md: Path, command: str) -> None:
     else:
         lines += ["", f"Protocol (extra overrides on every cell): `{protocols[0] if protocols else 'defaults'}`."]
     lines += comparison(cells) + scaling_effect(cells)
+    earlier = out_md.with_name("results_earlier.md")
+    if earlier.is_file():
+        lines += ["", f"Methods and bit-widths missing above were measured with earlier code: [{earlier.name}]"
+                      f"({earlier.name}) (cells not re-run since; their raw numbers were not kept)."]
     png = out_md.with_name("results_fid.png")
     plot(cells, png)
     lines += ["", f"![FID vs bits per method]({png.name})"]

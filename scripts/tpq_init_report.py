@@ -9,31 +9,31 @@ from what distillation later does with it (docs/results.md).
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dq.data.calibration import load_or_generate  # noqa: E402
-from dq.models.load import load_teacher  # noqa: E402
-from dq.models.quantize import QuantConfig, build_student  # noqa: E402
-from dq.models.sampling import sampler_timesteps  # noqa: E402
-from wd_report import batches, rel_mse  # noqa: E402
+from dq.data.calibration import CalibConfig, load_or_generate  # noqa: E402
+from dq.models.load import ModelConfig, load_model  # noqa: E402
+from dq.models.sampling import SamplerConfig, sampler_timesteps  # noqa: E402
+from dq.quant.config import QuantConfig  # noqa: E402
+from wd_report import batches, build_student, rel_mse  # noqa: E402
 
 
 def main() -> None:
-    teacher = load_teacher(OmegaConf.create({"source": "embedded", "arch": "unet2d"}))
-    sampler = OmegaConf.create({"name": "ddim", "steps": 50, "eta": 0.0})
-    calib = load_or_generate(teacher, sampler, OmegaConf.create(
-        {"n_samples": 5120, "n_trajectories": 128, "batch_size": 128, "guidance_scale": 1.0, "seed": 0, "path": None}),
-        Path(".cache/dq"))
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    teacher = load_model(ModelConfig(source="embedded"))
+    sampler = SamplerConfig(name="ddim", steps=50, eta=0.0)
+    calib = load_or_generate(teacher, sampler, CalibConfig(n_samples=5120, n_trajectories=128, batch_size=128,
+                                                           guidance_scale=1.0, seed=0), Path(".cache/dq"))
     perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))
     held = batches(calib, perm[-1024:])
     timesteps = tuple(sampler_timesteps(teacher, sampler))
@@ -42,9 +42,9 @@ def main() -> None:
         for n_init in (1024, 4096):
             for method in ("percentile", "minmax"):
                 qcfg = QuantConfig(w_bits=4, a_bits=4, timesteps=timesteps, shared_tables=shared)
-                student, _ = build_student(copy.deepcopy(teacher.unet), qcfg, batches(calib, perm[:n_init]),
-                                           scaling="wd", calib_method=method)
-                err = rel_mse(student.eval(), teacher.unet, held)
+                student, _ = build_student(copy.deepcopy(teacher.denoiser), qcfg, batches(calib, perm[:n_init]),
+                                           "wd", calib_method=method)
+                err = rel_mse(student.eval(), teacher.denoiser, held)
                 print(f"| {'shared (1 row)' if shared else 'per step (TPQ, 50 rows)'} | {n_init} | {method} | "
                       f"{err:.5f} |", flush=True)
 

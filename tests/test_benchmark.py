@@ -1,4 +1,5 @@
 """The resumable benchmark: cells run once, finished cells are skipped, the report aggregates them."""
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ TINY = ["--", "model=tiny_unet", "sampler.steps=4", "calib.n_samples=32", "calib
         "distill.steps_per_block=1", "task.num_samples=8", "task.floor=false"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_sweep_skips_finished_cells_and_reports(tmp_path):
     args = [sys.executable, "scripts/benchmark.py", "--methods", "fp", "ptq", "--bits", "w4a4", "--seeds", "0", "1",
             "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "results.md"), *TINY]
@@ -30,6 +31,15 @@ def test_sweep_skips_finished_cells_and_reports(tmp_path):
     assert "| ptq | W4A4 | 2 |" in md and "| fp | FP | 2 |" in md
     assert "Protocol (extra overrides on every cell): `model=tiny_unet" in md
     assert (tmp_path / "results_fid.png").stat().st_size > 1000
+    # the committed ledger alone regenerates the same table once the cells' directories are gone
+    import shutil
+    ledger = json.loads((tmp_path / "results_cells.json").read_text())
+    assert sorted((c["method"], c["seed"]) for c in ledger) == [("fp", 0), ("fp", 1), ("ptq", 0), ("ptq", 1)]
+    shutil.rmtree(tmp_path / "runs")
+    third = subprocess.run([*args, "--report-only"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert third.returncode == 0, third.stderr[-2000:]
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert [ln for ln in (tmp_path / "results.md").read_text().splitlines() if ln.startswith("| ")] == table
 
 
 def test_a_cell_running_in_another_live_process_is_left_to_it(tmp_path):
@@ -67,8 +77,11 @@ def test_scaling_effect_summarises_the_cells_scaling_reports():
     sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark import scaling_effect
 
+    from benchmark import _scaling_ratios
+
     layer = {"act_absmax_before": 4.0, "act_absmax_after": 2.0, "act_median_before": 1.0, "act_median_after": 1.0}
-    cells = {("smoothquant_bkd", "w4a4"): [{"scaling": [layer, layer]}, {"scaling": [layer, layer]}],
-             ("ptq", "w4a4"): [{"scaling": []}]}  # no scaling: no row
+    ratios = _scaling_ratios([layer, layer, {"layers": ["conv_in"]}])  # a group without activation stats is skipped
+    cells = {("smoothquant_bkd", "w4a4"): [{"scaling_ratios": ratios}, {"scaling_ratios": ratios}],
+             ("ptq", "w4a4"): [{"scaling_ratios": []}]}  # no scaling: no row
     rows = [line for line in scaling_effect(cells) if line.startswith("| smoothquant") or line.startswith("| ptq")]
     assert rows == ["| smoothquant_bkd | W4A4 | 2 | 0.50 | 4.00 → 2.00 |"]

@@ -2,15 +2,21 @@
 import pytest
 import torch
 
-from dq.models.blocks import UNetState, run_blocks, select_blocks, unet_blocks
 from dq.errors import DQError
-from dq.models.load import build_tiny
+from dq.models.blocks import run_blocks, select_blocks
+from dq.models.families import family_of
+from dq.models.families.unet import UNetState
+from dq.models.load import build_arch
+
+
+def unet_blocks(unet, granularity="block"):
+    return family_of(unet).blocks(unet, granularity)
 
 
 @pytest.mark.parametrize("granularity", ["block", "module", "model"])
 @pytest.mark.parametrize("arch", ["unet2d", "unet2d_cond"])
 def test_blocks_in_order_equal_the_unet_forward(arch, granularity):
-    unet = build_tiny(arch).unet
+    unet = build_arch(arch).denoiser
     c = unet.config
     x = torch.randn(3, c.in_channels, c.sample_size, c.sample_size)
     t = torch.tensor([3, 500, 999])
@@ -18,7 +24,7 @@ def test_blocks_in_order_equal_the_unet_forward(arch, granularity):
     with torch.no_grad():
         ref = unet(x, t, encoder_hidden_states=ehs).sample if ehs is not None else unet(x, t).sample
         blocks = unet_blocks(unet, granularity)
-        out = run_blocks(blocks, UNetState(sample=x, timestep=t, encoder_hidden_states=ehs), len(blocks) - 1)
+        out = run_blocks(blocks, family_of(unet).initial_state(x, t, ehs), len(blocks) - 1)
     assert torch.equal(out.sample, ref)
     assert out.res == ()  # every skip tensor pushed by a down block was consumed by an up block
     names = [b.name for b in blocks]
@@ -32,7 +38,7 @@ def test_blocks_in_order_equal_the_unet_forward(arch, granularity):
 
 
 def test_block_selection_validates_names():
-    blocks = unet_blocks(build_tiny("unet2d").unet)
+    blocks = unet_blocks(build_arch("unet2d").denoiser)
     assert select_blocks(blocks, ["up.0", "down.1"]) == [2, 5]
     with pytest.raises(DQError, match="unknown block name 'down.9'; valid choices: stem, down.0"):
         select_blocks(blocks, ["down.9"])
@@ -41,7 +47,7 @@ def test_block_selection_validates_names():
 def test_detached_state_is_contiguous_and_trainable():
     # Attention blocks emit channels-last strided maps; a block fed one as a non-grad leaf crashed
     # torch 2.13's CPU backward. detach() must hand blocks contiguous tensors.
-    unet = build_tiny("unet2d").unet.train().requires_grad_(True)
+    unet = build_arch("unet2d").denoiser.train().requires_grad_(True)
     blocks = unet_blocks(unet)
     with torch.no_grad():
         s = run_blocks(blocks, UNetState(sample=torch.randn(4, 1, 16, 16), timestep=torch.tensor([1, 2, 3, 4])), 2)
@@ -53,9 +59,9 @@ def test_detached_state_is_contiguous_and_trainable():
 
 
 def test_module_granularity_names_and_bad_value():
-    names = [b.name for b in unet_blocks(build_tiny("unet2d").unet, "module")]
+    names = [b.name for b in unet_blocks(build_arch("unet2d").denoiser, "module")]
     assert names[:6] == ["stem", "down.0.resnets.0", "down.0.downsamplers.0", "down.1.resnets.0",
                          "down.1.attentions.0", "down.1.downsamplers.0"]
     assert "up.1.attentions.1" in names and names[-1] == "head"
     with pytest.raises(DQError, match="distill.granularity 'layer'; valid choices: block, module, model"):
-        unet_blocks(build_tiny("unet2d").unet, "layer")
+        unet_blocks(build_arch("unet2d").denoiser, "layer")

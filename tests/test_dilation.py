@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dq.dilation import (
+from dq.quant.dilation import (
     activation_stats,
     apply_dilation,
     dilation_scales,

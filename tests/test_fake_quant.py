@@ -161,3 +161,11 @@ def test_bits_validation(bad):
         check_bits(bad)
     with pytest.raises(ValueError, match="2..8"):
         fake_quant(torch.zeros(2), torch.ones(()), torch.zeros(()), bad)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_single_row_fast_path_is_bitwise_equal_to_the_autograd_path(bits):
+    """Sampling quantizes a whole batch with one (Δ, z) row: the 0-dim fast path must not change a bit."""
+    x = torch.randn(16, 8, 5, 5) * 3
+    delta, z = torch.tensor([0.037]).reshape(1, 1, 1, 1), torch.tensor([6.4]).reshape(1, 1, 1, 1)
+    assert torch.equal(fake_quant_nograd(x, delta, z, bits), fake_quant(x, delta, z, bits))

@@ -1,43 +1,99 @@
-"""Every method config composes and runs a tiny job through the one quantize code path."""
+"""Every method config composes to a registered recipe, and each runs a tiny job through the one quantize
+code path doing what the method says it does (tables, training steps, changed weights, scaling)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT
+from dq.config import typed
+from dq.quant.layers import iter_quant_layers
 from dq.quant.quantizers import TemporalActQuantizer
 
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 TINY = ["model=tiny_unet", "sampler.steps=4", "calib.n_samples=32", "calib.n_trajectories=8",
-        "distill.steps_per_block=1", "task.num_samples=8", "task.floor=false"]
+        "calib.act_init_samples=32", "distill.steps_per_block=1", "task.evaluate=false"]
+WHOLE_MODEL_STEPS = 3  # method.steps of the methods that train the whole model (lsq_qat, efficientdm)
 
 
-def test_all_methods_are_listed():
-    assert {"fp", "ptq", "lsq_qat", "smoothquant_bkd", "dilatequant", "dilatequant_no_wd", "dilatequant_no_tpq",
-            "dilatequant_no_bkd"} <= set(METHODS)
+def test_every_method_yaml_has_a_recipe_and_every_recipe_a_yaml():
+    from hydra import compose, initialize_config_dir
+
+    import dq.config  # noqa: F401  (stores the method schemas the yamls start from)
+    from dq.methods import _RECIPES, recipe_for
+
+    used = set()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for method in METHODS:  # the method group alone (the tiny jobs below compose each in the full config)
+            cfg = typed(compose(overrides=[f"+method={method}"]), "method")
+            assert cfg.name == method, (method, cfg)  # results.json names the method by this field
+            assert recipe_for(cfg) is _RECIPES[type(cfg)]
+            used.add(type(cfg))
+    unused = {c.__name__ for c in _RECIPES} - {c.__name__ for c in used}
+    assert not unused, f"registered method configs no conf/method/*.yaml uses: {unused}"
 
 
-@pytest.mark.slow
+def _shared_tables(m) -> bool:
+    return m.shared_tables if hasattr(m, "shared_tables") else not m.per_step_tables  # ptq: per_step_tables
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", METHODS)
 def test_method_runs_a_tiny_job(method, cfg_factory, tmp_path):
-    from dq.models.student import load_student
+    from dq.models.checkpoint import load_student
+    from dq.models.load import load_model
     from dq.tasks.quantize import run
 
-    cfg = cfg_factory(*TINY, f"method={method}")
-    if method == "lsq_qat":
-        cfg.distill.steps_per_block = 3
+    extra = [f"method.steps={WHOLE_MODEL_STEPS}"] if method in ("lsq_qat", "efficientdm") else []
+    cfg = cfg_factory(*TINY, f"method={method}", *extra)
+    m = typed(cfg, "method")
     summary = run(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["method"]["name"] == method
-    if not cfg.method.quantize:
-        assert summary["bits"] == "FP" and not (tmp_path / "student.pt").exists()
+    assert results["method"]["name"] == method and "weight_dilation" not in results
+    ckpt = tmp_path / "student.safetensors"
+    if method == "fp":
+        assert summary["bits"] == results["bits"] == "FP" and not ckpt.exists()
+        assert results["train"]["steps"] == 0 and results["scaling"] == []
         return
-    assert summary["bits"] == "W4A4" and torch.isfinite(torch.tensor(summary["student/fid"]))
-    expected_steps = 0 if not cfg.method.bkd else (3 if method == "lsq_qat" else 9)
+    assert summary["bits"] == "W4A4" and ckpt.is_file() and not (tmp_path / "student.pt").exists()
+    teacher = load_model(typed(cfg, "model")).denoiser
+    student, meta = load_student(ckpt)
+    assert meta["method"]["name"] == method and meta["sampler"]["steps"] == 4
+
+    # activation tables: one row per sampler step (TPQ), or one shared row
+    shared = _shared_tables(m)
+    rows = {q.delta.shape[0] for q in student.denoiser.modules() if isinstance(q, TemporalActQuantizer)}
+    assert rows == ({1} if shared else {4}) and meta["quant"]["shared_tables"] == shared
+
+    # distillation steps as configured: steps_per_block × blocks, method.steps for whole-model training
+    if method in ("lsq_qat", "efficientdm"):
+        expected_steps = WHOLE_MODEL_STEPS
+    elif getattr(m, "bkd", True) and method != "ptq":
+        expected_steps = cfg.distill.steps_per_block * len(student.family.blocks(teacher, "block"))
+    else:
+        expected_steps = 0
     assert results["train"]["steps"] == expected_steps
-    student, _ = load_student(tmp_path / "student.pt")
-    tables = [q.delta.shape[0] for q in student.unet.modules() if isinstance(q, TemporalActQuantizer)]
-    assert set(tables) == ({1} if cfg.method.shared_tables else {4})
-    # a scaling method reports one row per scaled layer group; "none" scales nothing
-    assert bool(results["weight_dilation"]) == (cfg.method.scaling != "none")
+
+    # scaling (WD / SmoothQuant) is reported per layer group exactly when the method scales
+    scales = method == "smoothquant_bkd" or getattr(m, "weight_dilation", False)
+    assert bool(results["scaling"]) == scales
+    if method in ("lsq_qat", "efficientdm"):
+        assert any("method.steps" in n for n in results["notes"])
+
+    # the student's quantized layers keep the teacher's weights unless the method changes them:
+    # training (any step), SmoothQuant, or a Weight Dilation factor s > 1 somewhere
+    differ = [name for name, layer in iter_quant_layers(student.denoiser)
+              if not torch.equal(layer.weight, teacher.get_submodule(name).weight)]
+    dilated = any(r["s_max"] > 1 for r in results["scaling"])
+    if expected_steps > 0 or method == "smoothquant_bkd" or dilated:
+        assert differ, f"{method}: no quantized layer's weights differ from the teacher's"
+    else:
+        assert differ == [], f"{method} changed weights it should not: {differ[:3]}"
+    if method == "efficientdm":
+        assert results["train"]["lora_parameters"] > 0  # merged away: the checkpoint loaded strictly
+
+    # the saved student runs at the timesteps it was made for
+    x = torch.randn(4, *student.sample_shape)
+    t = torch.tensor(meta["quant"]["timesteps"])
+    with torch.no_grad():
+        assert torch.isfinite(student.family.forward(student.denoiser, x, t)).all()

@@ -7,22 +7,14 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from dq.dilation import effective_bounds
+from dq.errors import DQError
 from dq.models.attention import QuantAttnProcessor
-from dq.models.quantize import (
-    QuantConfig,
-    apply_smoothquant,
-    apply_weight_dilation,
-    build_student,
-    calibrate,
-    input_absmax,
-    iter_quant_layers,
-    prepare,
-    set_quant_state,
-    unet_forward,
-    unprepare,
-)
-from dq.quant import QuantConv2d, QuantLinear, TemporalActQuantizer
+from dq.models.families import family_of
+from dq.models.student import calibrate, input_absmax, prepare, unprepare, weight_dilation
+from dq.quant import QuantConv2d, QuantLinear, TemporalActQuantizer, iter_quant_layers, set_quant_state
+from dq.quant.config import QuantConfig
+from dq.quant.dilation import effective_bounds
+from dq.quant.scaling import apply_smoothquant, apply_weight_dilation
 
 TIMESTEPS = tuple(range(999, 0, -100))  # 10 steps: 999, 899, …, 99
 
@@ -81,6 +73,14 @@ def batches(kind: str, n: int, b: int = 4, seed: int = 0):
     return out
 
 
+def unet_forward(unet: nn.Module, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+    return family_of(unet).forward(unet, x, t, cond)
+
+
+def groups(unet: nn.Module):
+    return family_of(unet).dilation_groups(unet)
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -98,7 +98,7 @@ def student(kind: str, w=4, a=4, seed=0, wd=True, calib=2) -> nn.Module:
     unet = heterogeneous(KINDS[kind][0](seed), seed)
     prepare(unet, QuantConfig(w_bits=w, a_bits=a, timesteps=TIMESTEPS))
     if wd:
-        apply_weight_dilation(unet)
+        apply_weight_dilation(unet, groups(unet))
     calibrate(unet, batches(kind, calib, seed=seed + 1))
     return unet
 
@@ -127,7 +127,7 @@ def test_prepare_swaps_every_layer(kind):
 
 
 def test_prepare_rejects_other_models():
-    with pytest.raises(TypeError, match="Sequential"):
+    with pytest.raises(DQError, match="'Sequential' is not supported; supported classes: UNet2DConditionModel"):
         prepare(nn.Sequential(nn.Linear(2, 2)), QuantConfig(timesteps=(1,)))
 
 
@@ -180,7 +180,7 @@ def test_weight_dilation_exact_on_unet(kind):
     bounds = {n: effective_bounds(m.weight.detach().clone()) for n, m in layers.items()}
     deltas = {n: m.weight_quant.delta.detach().clone() for n, m in layers.items()}
 
-    report = apply_weight_dilation(unet, act_absmax=absmax)
+    report = apply_weight_dilation(unet, groups(unet), act_absmax=absmax)
 
     with torch.no_grad():
         for b, r in zip(data, ref):
@@ -208,7 +208,7 @@ def test_smoothquant_on_unet_is_exact_in_float():
     with torch.no_grad():
         ref = unet_forward(unet, *data[0])
     d0 = unet.conv_in.weight_quant.delta.clone()
-    report = apply_smoothquant(unet, absmax, alpha=0.5)
+    report = apply_smoothquant(unet, groups(unet), absmax, alpha=0.5)
     with torch.no_grad():
         assert rel(unet_forward(unet, *data[0]), ref) <= 1e-5
     assert not torch.equal(unet.conv_in.weight_quant.delta, d0)  # SQ moves Δ_w; re-initialised
@@ -310,7 +310,7 @@ def test_unprepare_restores_float_model():
     with torch.no_grad():
         ref = unet(x, t).sample
     prepare(unet, QuantConfig(timesteps=TIMESTEPS))
-    apply_weight_dilation(unet)
+    apply_weight_dilation(unet, groups(unet))
     unprepare(unet)
     assert not any(isinstance(m, (QuantConv2d, QuantLinear, QuantAttnProcessor)) for m in unet.modules())
     assert not unet._forward_pre_hooks and not unet._forward_hooks
@@ -354,11 +354,15 @@ def test_calibration_methods_and_missing_steps(caplog):
         calibrate(unet, data, method="bogus")
 
 
-def test_build_student_reports():
+def test_student_steps_report():
+    # prepare → weight_dilation (with data: the report records what it did to the activations) → calibrate
     data = batches("cond", 2)
-    unet, report = build_student(heterogeneous(tiny_cond_unet()), QuantConfig(timesteps=TIMESTEPS), data)
-    assert report.calibration.calibrated > 0
-    assert all("act_absmax_before" in r for r in report.scaling)
+    unet = prepare(heterogeneous(tiny_cond_unet()), QuantConfig(timesteps=TIMESTEPS))
+    scaling = weight_dilation(unet, data)
+    calibration = calibrate(unet, data)
+    assert calibration.calibrated > 0 and calibration.unobserved == []
+    assert scaling and all("act_absmax_before" in r for r in scaling)
+    assert sum(len(r["layers"]) for r in scaling) == len(list(iter_quant_layers(unet)))
     with torch.no_grad():
         out = unet_forward(unet, *data[0])
     assert torch.isfinite(out).all()

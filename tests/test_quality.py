@@ -5,22 +5,20 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from dq.data.calibration import load_or_generate
-from dq.models.quantize import QuantConfig, build_student
-from dq.models.sampling import sampler_timesteps
+from dq.data.calibration import CalibConfig, load_or_generate
+from dq.models.load import ModelConfig, load_model
+from dq.models.sampling import SamplerConfig, sampler_timesteps
+from dq.models.student import calibrate, prepare, weight_dilation
+from dq.quant.config import QuantConfig
 from dq.quant.quantizers import set_quant_state
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from dq.models.load import load_teacher
-
-    teacher = load_teacher(OmegaConf.create({"source": "embedded"}))
-    sampler = OmegaConf.create({"name": "ddim", "steps": 50, "eta": 0.0})
-    calib_cfg = OmegaConf.create({"n_samples": 800, "n_trajectories": 64, "batch_size": 64, "guidance_scale": 1.0,
-                                  "seed": 0, "path": None})
+    teacher = load_model(ModelConfig(source="embedded"))
+    sampler = SamplerConfig(name="ddim", steps=50, eta=0.0)
+    calib_cfg = CalibConfig(n_samples=800, n_trajectories=64, batch_size=64, seed=0)
     calib = load_or_generate(teacher, sampler, calib_cfg, tmp_path_factory.mktemp("cache"))
     init = [(calib.x[:400], calib.t[:400], None)]
     held = (calib.x[400:], calib.t[400:])
@@ -30,15 +28,18 @@ def setup(tmp_path_factory):
 def rel_mse(setup, bits, scaling, weights_only=False):
     teacher, timesteps, init, (x, t) = setup
     qcfg = QuantConfig(w_bits=bits[0], a_bits=bits[1], timesteps=timesteps)
-    student, _ = build_student(copy.deepcopy(teacher.unet), qcfg, init, scaling=scaling)
+    student = prepare(copy.deepcopy(teacher.denoiser), qcfg)
+    if scaling == "wd":
+        weight_dilation(student)
+    calibrate(student, init, "minmax")
     if weights_only:
         set_quant_state(student, weight=True, act=False)
     with torch.no_grad():
-        ref = teacher.unet(x, t).sample
+        ref = teacher.denoiser(x, t).sample
         return float((student.eval()(x, t).sample - ref).pow(2).sum() / ref.pow(2).sum())
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_w8a8_close_and_w4a4_clearly_worse(setup):
     w8 = rel_mse(setup, (8, 8), None)
     w4 = rel_mse(setup, (4, 4), None)
@@ -47,7 +48,7 @@ def test_w8a8_close_and_w4a4_clearly_worse(setup):
     assert w4 > 5 * w8, (w4, w8)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_weight_dilation_shrinks_weight_quantization_error(setup):
     plain = rel_mse(setup, (4, 4), None, weights_only=True)
     dilated = rel_mse(setup, (4, 4), "wd", weights_only=True)

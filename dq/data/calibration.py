@@ -10,21 +10,42 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
+from dq.console import progress
 from dq.errors import DQError
 from dq.models.conditioning import cond_fn_for
-from dq.models.load import Teacher
-from dq.models.sampling import denoise, initial_noise, make_sampler
+from dq.models.load import DiffusionModel
+from dq.models.sampling import SamplerConfig, denoise, initial_noise, make_sampler
+
+log = logging.getLogger("dq")
+
+
+@dataclass
+class CalibConfig:
+    """The ``calib`` config group (conf/calib/default.yaml)."""
+
+    n_samples: int = 5120        # (x_t, t) inputs drawn over (trajectory, step), n_samples / T per step
+    n_trajectories: int = 128    # must be >= n_samples / sampler.steps
+    batch_size: int = 128        # trajectories sampled at once
+    guidance_scale: float = 1.0  # classifier-free guidance for conditional teachers
+    seed: int = 0
+    act_init_samples: int = 1024  # calibration inputs used to initialise the activation tables
+    path: Optional[str] = None   # an explicit cache file; by default cached under paths.cache_dir by hash
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "n_trajectories", "batch_size", "act_init_samples"):
+            if getattr(self, name) < 1:
+                raise DQError(f"calib.{name}={getattr(self, name)} must be a positive integer")
 
 
 @dataclass
@@ -42,16 +63,22 @@ class CalibrationSet:
         return len(self.x)
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        b = {"x": self.x[idx], "t": self.t[idx], "row": self.row[idx]}
+        """{"x", "t", "idx"(, "cond")} of the inputs ``idx``; a sample's table row follows from its t alone."""
+        b = {"x": self.x[idx], "t": self.t[idx], "idx": idx}
         if self.cond is not None:
             b["cond"] = self.cond[idx]
         return b
 
+    def batches(self, n: int, batch_size: int = 256) -> list[tuple]:
+        """The first ``n`` inputs as (x_t, raw_t, cond) tuples, for calibration and scaling passes."""
+        idx = torch.arange(min(n, len(self)))
+        return [(self.x[i], self.t[i], None if self.cond is None else self.cond[i]) for i in idx.split(batch_size)]
 
-def teacher_fingerprint(teacher: Teacher) -> str:
+
+def teacher_fingerprint(teacher: DiffusionModel) -> str:
     """A cheap hash of the teacher's weights (a strided sample of every tensor + shapes)."""
     h = hashlib.sha256()
-    for name, p in teacher.unet.state_dict().items():
+    for name, p in teacher.denoiser.state_dict().items():
         flat = p.detach().flatten().float()
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
@@ -59,15 +86,15 @@ def teacher_fingerprint(teacher: Teacher) -> str:
     return h.hexdigest()[:16]
 
 
-def calibration_key(teacher: Teacher, sampler_cfg: Any, calib_cfg: Any) -> dict[str, Any]:
+def calibration_key(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: CalibConfig) -> dict[str, Any]:
     return {"teacher": teacher_fingerprint(teacher), "sampler": sampler_cfg.name, "steps": int(sampler_cfg.steps),
-            "eta": float(sampler_cfg.get("eta", 0.0)), "n_samples": int(calib_cfg.n_samples),
+            "eta": float(sampler_cfg.eta), "n_samples": int(calib_cfg.n_samples),
             "n_trajectories": int(calib_cfg.n_trajectories), "guidance_scale": float(calib_cfg.guidance_scale),
             "seed": int(calib_cfg.seed)}
 
 
 @torch.no_grad()
-def generate(teacher: Teacher, sampler_cfg: Any, calib_cfg: Any) -> CalibrationSet:
+def generate(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: CalibConfig) -> CalibrationSet:
     """Run ``n_trajectories`` teacher trajectories and draw ``n_samples`` stratified (trajectory, step) inputs."""
     key = calibration_key(teacher, sampler_cfg, calib_cfg)
     timesteps = [int(t) for t in make_sampler(teacher, sampler_cfg).timesteps]
@@ -82,7 +109,7 @@ def generate(teacher: Teacher, sampler_cfg: Any, calib_cfg: Any) -> CalibrationS
     cond_fn = cond_fn_for(teacher, key["seed"])
     xs, ts, rows, conds = [], [], [], []
     bs = int(calib_cfg.batch_size)
-    bar = tqdm(total=n_traj * steps, desc="calibration trajectories", unit="step", leave=False)
+    bar = progress(total=n_traj * steps, desc="calibration trajectories", unit="step", leave=False)
     for start in range(0, n_traj, bs):
         idx = torch.arange(start, min(start + bs, n_traj))
         x = initial_noise(idx, teacher.sample_shape, key["seed"] + 1)
@@ -100,7 +127,7 @@ def generate(teacher: Teacher, sampler_cfg: Any, calib_cfg: Any) -> CalibrationS
                 conds.append(torch.where(use_uncond[:, None, None], uncond[keep], cond[keep]))
             bar.update(len(idx))
 
-        denoise(teacher.unet, make_sampler(teacher, sampler_cfg), x, cond, uncond, key["guidance_scale"],
+        denoise(teacher.denoiser, make_sampler(teacher, sampler_cfg), x, cond, uncond, key["guidance_scale"],
                 seed=key["seed"] + start, on_step=record, eta=key["eta"])
     bar.close()
     order = torch.randperm(sum(len(r) for r in rows), generator=g)[:n]
@@ -113,17 +140,33 @@ def cache_path(cache_dir: Path, key: dict[str, Any]) -> Path:
     return Path(cache_dir) / f"calib-{digest}.pt"
 
 
-def load_or_generate(teacher: Teacher, sampler_cfg: Any, calib_cfg: Any, cache_dir: Path) -> CalibrationSet:
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """The cached set, or None (logged once) when the file is unreadable: truncated by a crash or a
+    full disk. Loaded with weights_only=True: a cache file can hold tensors and plain data only."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or "key" not in data:
+            raise ValueError("not a calibration set")
+        return data
+    except Exception as e:  # any unreadable file is treated the same: rebuilt, never trusted
+        log.warning("calibration cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:120])
+        return None
+
+
+def load_or_generate(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: CalibConfig,
+                     cache_dir: Path) -> CalibrationSet:
     """The calibration set for this (teacher, sampler, calib config), from the cache when present.
 
     ``calib.path`` names an explicit cache file; one made for another configuration is refused with
-    the fields that differ (it is never overwritten).
+    the fields that differ (it is never overwritten). An unreadable automatic cache file is rebuilt.
     """
     key = calibration_key(teacher, sampler_cfg, calib_cfg)
-    explicit = calib_cfg.get("path")
+    explicit = calib_cfg.path
     path = Path(explicit) if explicit else cache_path(cache_dir, key)
-    if path.is_file():
-        data = torch.load(path, weights_only=False)
+    data = _read_cache(path) if path.is_file() else None
+    if data is None and explicit and path.is_file():
+        raise DQError(f"calib.path={explicit!r} is not a readable calibration set; delete it or drop calib.path")
+    if data is not None:
         if data["key"] != key:
             diff = {k: (data["key"].get(k), v) for k, v in key.items() if data["key"].get(k) != v}
             raise DQError(f"calibration cache {str(path)!r} was made for another configuration "
@@ -176,6 +219,18 @@ class _Indexed(Dataset):
         return i
 
 
+class StepLoader(DataLoader):
+    """A DataLoader over StepSeededBatches. Resumable by construction: batch s is a pure function of
+    (seed, s) and the sampler starts at ``trainer.global_step``, so there is no iteration state to save;
+    ``state_dict`` / ``load_state_dict`` say so (Lightning checks for them before a mid-epoch resume)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
 class CalibrationDataModule(L.LightningDataModule):
     """Serves a CalibrationSet for ``total_steps`` optimisation steps (see StepSeededBatches)."""
 
@@ -188,5 +243,5 @@ class CalibrationDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
         sampler = StepSeededBatches(len(self.cs), self.batch_size, self.seed, start, self.total_steps, rank, world)
-        return DataLoader(_Indexed(self.cs), batch_sampler=sampler, collate_fn=lambda idx: self.cs.batch(
+        return StepLoader(_Indexed(self.cs), batch_sampler=sampler, collate_fn=lambda idx: self.cs.batch(
             torch.tensor(idx)))

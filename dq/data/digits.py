@@ -8,6 +8,8 @@ pretraining, feature network, FID reference) sees the same held-out images.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,16 @@ def split_indices(n: int, heldout_fraction: float, seed: int) -> tuple[torch.Ten
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_held = round(n * heldout_fraction)
     return perm[n_held:].sort().values, perm[:n_held].sort().values
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` config group: the real images generated samples are compared with."""
+
+    name: str = field(default="digits", metadata={"choices": "digits"})
+    size: int = 16
+    heldout_fraction: float = 0.2
+    split_seed: int = 0
 
 
 class DigitsDataModule(L.LightningDataModule):

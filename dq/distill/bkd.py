@@ -1,7 +1,7 @@
 """Block-wise knowledge distillation (BKD) as a LightningModule.
 
 The frozen full-precision teacher and the quantized student are cut into the same blocks
-(``dq.models.blocks``). Blocks are trained one after another in network order — a curriculum whose
+(``family.blocks``, see dq/models/families/). Blocks are trained one after another in network order — a curriculum whose
 position is a pure function of ``global_step`` (block = step // steps_per_block), so a resumed run
 needs no extra state. For block k:
 
@@ -18,8 +18,8 @@ The teacher is held outside the module registry: it is not in the checkpoint and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, List
 
 import lightning as L
 import torch
@@ -27,28 +27,40 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dq.errors import DQError, choice_error
-from dq.models.blocks import UNetState, run_blocks, select_blocks, unet_blocks
+from dq.models.blocks import GRANULARITIES, run_blocks, select_blocks
+from dq.distill.prefix_cache import PrefixCache
+from dq.models.families import family_of
+from dq.quant.prepare import rows_of
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
 
 INPUT_MODES = ("student", "teacher")
 
 
-@dataclass(frozen=True)
+@dataclass
 class DistillConfig:
+    """The ``distill`` config group (conf/distill/default.yaml): the block-wise distillation protocol."""
+
     steps_per_block: int = 400
+    batch_size: int = 32
     lr_weights: float = 1e-4
     lr_delta_w: float = 1e-3
     lr_act: float = 1e-3
-    input: str = "student"             # the student block's input: "student" prefix or "teacher" chain
-    blocks: tuple[str, ...] = ()       # subset of block names to train (empty: all, in network order)
-    granularity: str = "block"         # "block" (stem, down.i, mid, up.i, head) or "module" (finer units)
+    input: str = field(default="student", metadata={"choices": INPUT_MODES})  # student prefix | teacher chain
+    granularity: str = field(default="block", metadata={"choices": GRANULARITIES})
+    blocks: List[str] = field(default_factory=list)  # subset of block names to train (empty: all, in order)
     cosine: bool = True                # per-block cosine decay of every learning rate
+    ckpt_every: int = 100              # save checkpoints/last.ckpt every N steps
+    cache_mb: float = 4096             # memory for the block inputs of the calibration set; 0 = recompute
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_MODES:
             raise choice_error("distill.input", self.input, INPUT_MODES)
-        if self.steps_per_block < 1:
-            raise DQError(f"distill.steps_per_block={self.steps_per_block} must be >= 1")
+        if self.granularity not in GRANULARITIES:
+            raise choice_error("distill.granularity", self.granularity, GRANULARITIES)
+        for name in ("steps_per_block", "batch_size", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise DQError(f"distill.{name}={getattr(self, name)} must be >= 1")
+        object.__setattr__(self, "blocks", tuple(self.blocks))
 
 
 def keep_optimizer_state(optimizer: torch.optim.Optimizer, params) -> None:
@@ -77,6 +89,8 @@ def param_groups(student: nn.Module, cfg: DistillConfig) -> list[dict[str, Any]]
             quant_params.update({id(p): (kind, m.bits) for p in m.parameters()})
     groups: dict[tuple[str, int], list[nn.Parameter]] = {}
     for p in student.parameters():
+        if not p.requires_grad:  # frozen by the method (e.g. EfficientDM's base weights)
+            continue
         groups.setdefault(quant_params.get(id(p), ("weights", 0)), []).append(p)
     base = {"weights": cfg.lr_weights, "delta_w": cfg.lr_delta_w, "act": cfg.lr_act}
     out = []
@@ -87,15 +101,23 @@ def param_groups(student: nn.Module, cfg: DistillConfig) -> list[dict[str, Any]]
 
 
 class BlockDistiller(L.LightningModule):
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig,
+                 inputs: dict[str, torch.Tensor] | None = None) -> None:
+        """``inputs``: the whole calibration set ({"x", "t"(, "cond")}); batches then carry "idx" into it,
+        and the block inputs are cached (``cfg.cache_mb``) instead of recomputed every step."""
         super().__init__()
         self.automatic_optimization = False
         self.cfg = cfg
         self.student = student
         object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
-        self.student_blocks = unet_blocks(student, cfg.granularity)
-        self.teacher_blocks = unet_blocks(teacher, cfg.granularity)
+        self.family = family_of(student)
+        self.student_blocks = self.family.blocks(student, cfg.granularity)
+        self.teacher_blocks = self.family.blocks(teacher, cfg.granularity)
         self.schedule = select_blocks(self.student_blocks, list(cfg.blocks))
+        self.ranks_identical: bool | None = None
+        self.cache = None if inputs is None else PrefixCache(
+            inputs, self.family.initial_state, student, self.student_blocks, self.teacher_blocks,
+            with_student=cfg.input == "student", budget_mb=cfg.cache_mb)
 
     # ---------------------------------------------------------------- curriculum (pure in global_step)
     @property
@@ -105,6 +127,19 @@ class BlockDistiller(L.LightningModule):
     def block_index(self, step: int) -> int:
         """Index into the model's blocks trained at optimisation step ``step``."""
         return self.schedule[min(step // self.cfg.steps_per_block, len(self.schedule) - 1)]
+
+    def block_name(self, step: int) -> str:
+        """Name of the block trained at optimisation step ``step``."""
+        return self.student_blocks[self.block_index(step)].name
+
+    def block_position(self, step: int) -> tuple[int, int, int]:
+        """(position of step's block in the curriculum from 0, number of blocks, steps done in it before ``step``)."""
+        pos = min(step // self.cfg.steps_per_block, len(self.schedule) - 1)
+        return pos, len(self.schedule), step - pos * self.cfg.steps_per_block
+
+    def block_ends_at(self, step: int) -> bool:
+        """Whether a block's last optimisation step is ``step - 1`` (``step`` steps taken so far)."""
+        return step > 0 and step % self.cfg.steps_per_block == 0
 
     def lr_factor(self, step: int) -> float:
         if not self.cfg.cosine:
@@ -120,19 +155,25 @@ class BlockDistiller(L.LightningModule):
         return torch.optim.Adam(param_groups(self.student, self.cfg))
 
     def block_loss(self, batch: dict[str, torch.Tensor], k: int) -> torch.Tensor:
-        state = UNetState(sample=batch["x"], timestep=batch["t"], encoder_hidden_states=batch.get("cond"))
+        state = self.family.initial_state(batch["x"], batch["t"], batch.get("cond"))
         step_index = self.student.dq_step_index
+        rows = rows_of(self.student, batch["t"])
+        cached = None if self.cache is None or k == 0 else self.cache.inputs_of(k, batch["idx"], batch["x"].device)
         with torch.no_grad():
-            target = run_blocks(self.teacher_blocks, state, k).new
-            if k == 0:
-                inp = state
-            elif self.cfg.input == "teacher":
-                inp = run_blocks(self.teacher_blocks, state, k - 1)
+            if cached is not None:  # both prefixes from the cache: one teacher block per step
+                target = self.teacher_blocks[k](cached["teacher"]).new
+                inp = cached.get("student", cached["teacher"])
             else:
-                with step_index.use(batch["row"]):
-                    inp = run_blocks(self.student_blocks, state, k - 1)
+                target = run_blocks(self.teacher_blocks, state, k).new
+                if k == 0:
+                    inp = state
+                elif self.cfg.input == "teacher":
+                    inp = run_blocks(self.teacher_blocks, state, k - 1)
+                else:
+                    with step_index.use(rows):
+                        inp = run_blocks(self.student_blocks, state, k - 1)
             inp = inp.detach()
-        with step_index.use(batch["row"]):
+        with step_index.use(rows):
             out = self.student_blocks[k](inp).new
         return sum(F.mse_loss(o, t) for o, t in zip(out, target)) / len(out)
 

@@ -1,32 +1,38 @@
 """Callbacks of the distillation run: a progress bar per block and the wandb quantization dashboard."""
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from tqdm import tqdm
+from dq.console import progress
 
 from dq.quant.quantizers import TemporalActQuantizer
 
 
 class BlockProgressBar(L.Callback):
-    """One tqdm bar per curriculum block ("block down.1 (3/9)"), showing that block's loss."""
+    """One progress bar per curriculum block ("block down.1 (3/9)") showing that block's loss — one line
+    per block when the output is not a terminal. ``seconds`` records each block's wall time."""
 
     def __init__(self) -> None:
-        self.bar: tqdm | None = None
+        self.bar: Any = None
         self.block: int | None = None
+        self.name: str | None = None
+        self.started = 0.0
+        self.seconds: dict[str, float] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step - 1  # the step just taken
         k = module.block_index(step)
         if k != self.block:
             self._close()
-            pos = module.schedule.index(k)
-            done = step - pos * module.cfg.steps_per_block
-            self.bar = tqdm(total=module.cfg.steps_per_block, initial=done, leave=True, dynamic_ncols=True,
-                            desc=f"block {module.student_blocks[k].name} ({pos + 1}/{len(module.schedule)})")
-            self.block = k
+            pos, total, done = module.block_position(step)
+            self.bar = progress(total=module.cfg.steps_per_block, initial=done, unit="steps",
+                                desc=f"block {module.block_name(step)} ({pos + 1}/{total})")
+            self.block, self.name, self.started = k, module.block_name(step), time.time()
         self.bar.update(1)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
@@ -36,6 +42,7 @@ class BlockProgressBar(L.Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+            self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.time() - self.started
 
     def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
         self._close()
@@ -58,7 +65,7 @@ class QuantDashboard(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % module.cfg.steps_per_block != 0 or not is_wandb(trainer.logger):
+        if not module.block_ends_at(step) or not is_wandb(trainer.logger):
             return
         import wandb
 
@@ -66,7 +73,7 @@ class QuantDashboard(L.Callback):
         if not tables:
             return
         names = list(tables)
-        block = module.student_blocks[module.block_index(step - 1)].name
+        block = module.block_name(step - 1)
         steps = list(range(len(next(iter(tables.values())))))
         trainer.logger.experiment.log({f"tpq/delta_x_after_{block}": wandb.plot.line_series(
             xs=steps, ys=[tables[n].tolist() for n in names], keys=names,
@@ -90,3 +97,35 @@ class RankConsistency(L.Callback):
         module.ranks_identical = bool((gathered == gathered[0]).all())
         if not module.ranks_identical:
             raise RuntimeError("DDP ranks ended with different students; gradients were not synchronised")
+
+
+class PeriodicCheckpoint(L.Callback):
+    """``<dirpath>/last.ckpt`` every ``every`` optimisation steps, at the end of fit and when fit stops on
+    an exception (Ctrl-C included): resume with ``task.resume=<that file>``.
+
+    dq's distillation uses manual optimisation and its state is a pure function of ``global_step``, so
+    the state after the optimizer step is exactly what a resume needs. (Lightning's ModelCheckpoint warns
+    on every manual-optimisation save that it cannot save a pre-step state; that does not apply here.)
+    Written to a temporary name and renamed, so a crash mid-save never leaves a truncated last.ckpt.
+    """
+
+    def __init__(self, dirpath: str | Path, every: int) -> None:
+        self.dirpath, self.every = Path(dirpath), every
+
+    def save(self, trainer: L.Trainer) -> None:
+        final = self.dirpath / "last.ckpt"
+        tmp = self.dirpath / "last.ckpt.tmp"
+        trainer.save_checkpoint(tmp)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step % self.every == 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: L.Trainer, module: Any, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.world_size == 1:
+            self.save(trainer)

@@ -7,8 +7,9 @@ gathers the KID / IS features in rank order, so the scores equal the single-proc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -16,11 +17,12 @@ import torch
 from dq.errors import DQError
 from dq.metrics.features import make_backend
 from dq.metrics.grid import save_grid
-from dq.metrics.image_metrics import ImageMetrics, score
+from dq.metrics.image_metrics import ImageMetrics, MetricsConfig, score
 from dq.metrics.reference import cached_metrics, shape_problem
 from dq.models.conditioning import cond_fn_for
-from dq.models.load import Teacher
-from dq.models.sampling import make_sampler, sample_images
+from dq.models.load import DiffusionModel
+from dq.data.digits import DataConfig
+from dq.models.sampling import SamplerConfig, make_sampler, sample_images
 
 LOG_PREFIX = "fid_is"
 
@@ -32,7 +34,7 @@ class FIDISCallback(L.Callback):
     the two never score the same student twice). Every evaluation is also kept in ``self.history``.
     """
 
-    def __init__(self, teacher: Teacher, sampler_cfg: Any, metrics_cfg: Any, data_cfg: Any, cache_dir: str | Path,
+    def __init__(self, teacher: DiffusionModel, sampler_cfg: SamplerConfig, metrics_cfg: MetricsConfig, data_cfg: DataConfig, cache_dir: str | Path,
                  num_samples: int = 256, batch_size: int = 128, seed: int = 0, at_stage_end: bool = True,
                  at_fit_end: bool = True, guidance_scale: float = 1.0, grid: int = 16,
                  out_dir: str | Path | None = None) -> None:
@@ -76,13 +78,33 @@ class FIDISCallback(L.Callback):
         step = trainer.global_step  # steps taken so far; the next step trains block_index(step)
         if not self.at_stage_end or step >= pl_module.total_steps:  # the last block ends with the fit
             return
-        done = pl_module.block_index(step - 1)
-        if done != pl_module.block_index(step):
-            self.evaluate(trainer, pl_module, f"after {pl_module.student_blocks[done].name}")
+        if pl_module.block_index(step - 1) != pl_module.block_index(step):
+            self.evaluate(trainer, pl_module, f"after {pl_module.block_name(step - 1)}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.at_fit_end or (self.at_stage_end and trainer.global_step >= pl_module.total_steps):
             self.evaluate(trainer, pl_module, "end of fit")
+        if trainer.is_global_zero and self.out_dir is not None and self.history:
+            self.plot(self.out_dir / "fid_per_block.png")
+
+    def plot(self, path: Path) -> Path:
+        """FID of the student after each evaluated stage (the curriculum's progress), as a small PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(self.history)), 3))
+        ax.plot(range(len(self.history)), [h["fid"] for h in self.history], marker="o")
+        ax.set_xticks(range(len(self.history)), [h["stage"].removeprefix("after ") for h in self.history],
+                      rotation=45, ha="right")
+        ax.set_ylabel(f"FID ({self.num_samples} images)")
+        ax.set_title("student FID during block-wise distillation")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
 
     def evaluate(self, trainer: L.Trainer, pl_module: Any, stage: str) -> dict[str, Any]:
         """Sample this rank's shard, score over all ranks (every rank must call this), log, record."""
@@ -113,12 +135,30 @@ class FIDISCallback(L.Callback):
         return scores
 
 
-def fid_callback(cfg: Any, teacher: Teacher, out_dir: str | Path | None = None) -> FIDISCallback | None:
-    """The callback described by ``cfg.callbacks.fid`` (conf/callbacks/fid.yaml), or None when absent."""
-    c = (cfg.get("callbacks") or {}).get("fid")
-    if not c:
+@dataclass
+class FIDConfig:
+    """``callbacks.fid`` (conf/callbacks/fid.yaml): FID/KID/IS of the student during distillation."""
+
+    num_samples: int = 256     # images per evaluation, over all ranks
+    batch_size: int = 128      # images per sampling batch
+    at_stage_end: bool = True  # after each curriculum block
+    at_fit_end: bool = True    # when fit ends
+    guidance_scale: float = 1.0
+    grid: int = 16             # images saved as fid_samples_step<N>.png (and to wandb) per evaluation; 0 = none
+
+
+@dataclass
+class CallbacksConfig:
+    """The ``callbacks`` config group: which evaluation callbacks run during training (none by default)."""
+
+    fid: Optional[FIDConfig] = None
+
+
+def fid_callback(c: FIDConfig | None, teacher: DiffusionModel, sampler_cfg: SamplerConfig, metrics_cfg: MetricsConfig, data_cfg: DataConfig,
+                 cache_dir: str | Path, seed: int, out_dir: str | Path | None = None) -> FIDISCallback | None:
+    """The callback described by ``callbacks.fid``, or None when it is not configured."""
+    if c is None:
         return None
-    return FIDISCallback(teacher, cfg.sampler, cfg.metrics, cfg.data, cfg.paths.cache_dir,
-                         num_samples=c.num_samples, batch_size=int(c.batch_size), seed=int(cfg.seed),
-                         at_stage_end=bool(c.at_stage_end), at_fit_end=bool(c.at_fit_end),
-                         guidance_scale=float(c.guidance_scale), grid=int(c.grid), out_dir=out_dir)
+    return FIDISCallback(teacher, sampler_cfg, metrics_cfg, data_cfg, cache_dir, num_samples=c.num_samples,
+                         batch_size=c.batch_size, seed=seed, at_stage_end=c.at_stage_end, at_fit_end=c.at_fit_end,
+                         guidance_scale=c.guidance_scale, grid=c.grid, out_dir=out_dir)

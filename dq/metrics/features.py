@@ -22,7 +22,7 @@ import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from dq.errors import DQError, choice_error
+
+if TYPE_CHECKING:
+    from dq.metrics.image_metrics import MetricsConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DIGITS_CLASSIFIER = ASSETS / "digits_classifier"
@@ -227,7 +230,7 @@ def build_backend(name: str) -> FeatureBackend:
     return BACKENDS[name]()
 
 
-def make_backend(metrics_cfg: Any) -> FeatureBackend:
+def make_backend(metrics_cfg: "MetricsConfig") -> FeatureBackend:
     """The backend of the ``metrics`` config group; call it before sampling so a missing one fails fast."""
     return build_backend(str(metrics_cfg.backend))
 

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: int = 4, pad: int = 1) -> Path:
@@ -27,14 +27,25 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None, scale: 
     return path
 
 
-def side_by_side_png(paths: list[Path], dest: Path, gap: int = 8) -> Path:
-    """Paste PNGs left to right on a white canvas (teacher | student grids)."""
-    imgs = [Image.open(p) for p in paths]
-    canvas = Image.new(imgs[0].mode, (sum(i.width for i in imgs) + gap * (len(imgs) - 1),
-                                      max(i.height for i in imgs)), 255)
+def side_by_side_png(paths: list[Path], dest: Path, labels: list[str] | None = None, gap: int = 8,
+                     title: str | None = None) -> Path:
+    """Paste PNGs left to right on a white canvas, each under its label (e.g. "FP teacher" | "student
+    W4A4 dilatequant"), with an optional title line above (PIL's built-in font: no font files needed)."""
+    imgs = [Image.open(p).convert("RGB") for p in paths]
+    font = ImageFont.load_default()
+    line = 14
+    top = (line if labels else 0) + (line if title else 0) + (4 if labels or title else 0)
+    canvas = Image.new("RGB", (sum(i.width for i in imgs) + gap * (len(imgs) - 1), top + max(i.height for i in imgs)),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((2, 1), title, fill=(0, 0, 0), font=font)
     x = 0
-    for i in imgs:
-        canvas.paste(i, (x, 0))
-        x += i.width + gap
+    for k, img in enumerate(imgs):
+        if labels:
+            draw.text((x + 2, top - line - 2), labels[k], fill=(0, 0, 0), font=font)
+        canvas.paste(img, (x, top))
+        x += img.width + gap
+    dest.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(dest)
     return dest

@@ -12,6 +12,8 @@ result equals the single-process one. Only rank 0 keeps the reference, so it is 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import warnings
 from typing import Any
 
@@ -148,14 +150,25 @@ def score(metrics: ImageMetrics, images: torch.Tensor, batch_size: int | None = 
     return metrics.compute()
 
 
-def metrics_from_config(metrics_cfg: Any, backend: FeatureBackend | None = None, sync: bool = False) -> ImageMetrics:
+@dataclass
+class MetricsConfig:
+    """The ``metrics`` config group: the feature backend and the KID / IS settings."""
+
+    backend: str = field(default="digits", metadata={"choices": "digits, tf_inception, inception"})
+    kid_subset_size: int = 100
+    kid_subsets: int = 50
+    is_splits: int = 1
+    batch_size: int = 250  # images per feature-network call
+
+
+def metrics_from_config(metrics_cfg: MetricsConfig, backend: FeatureBackend | None = None, sync: bool = False) -> ImageMetrics:
     """An empty ImageMetrics from the ``metrics`` config group (reference not loaded)."""
     return ImageMetrics(backend or make_backend(metrics_cfg), int(metrics_cfg.kid_subset_size),
                         int(metrics_cfg.kid_subsets), int(metrics_cfg.is_splits), sync=sync,
-                        batch_size=int(metrics_cfg.get("batch_size", 250)))
+                        batch_size=int(metrics_cfg.batch_size))
 
 
-def build_metrics(metrics_cfg: Any, real_images: torch.Tensor, sync: bool = False,
+def build_metrics(metrics_cfg: MetricsConfig, real_images: torch.Tensor, sync: bool = False,
                   backend: FeatureBackend | None = None) -> ImageMetrics:
     """ImageMetrics with ``real_images`` [N, C, H, W] as the reference (features computed, not cached;
     see dq.metrics.reference for the cached reference of a data split)."""

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from dq.data.digits import DigitsDataModule
+from dq.data.digits import DataConfig, DigitsDataModule
 from dq.errors import choice_error
 from dq.metrics.features import FeatureBackend, extract
-from dq.metrics.image_metrics import ImageMetrics, metrics_from_config
+from dq.metrics.image_metrics import ImageMetrics, MetricsConfig, metrics_from_config
 
 log = logging.getLogger("dq")
 DATASETS = ("digits",)
@@ -37,7 +37,7 @@ class RealFeatures:
     key: dict[str, Any]
 
 
-def real_images(data_cfg: Any, split: str) -> torch.Tensor:
+def real_images(data_cfg: DataConfig, split: str) -> torch.Tensor:
     """The real images of ``split`` (heldout | train): [N, 1, size, size] in [−1, 1]."""
     if data_cfg.name not in DATASETS:
         raise choice_error("data.name", data_cfg.name, DATASETS)
@@ -48,7 +48,7 @@ def real_images(data_cfg: Any, split: str) -> torch.Tensor:
     return dm.heldout_images if split == "heldout" else dm.train_images
 
 
-def reference_key(backend: FeatureBackend, data_cfg: Any, split: str) -> dict[str, Any]:
+def reference_key(backend: FeatureBackend, data_cfg: DataConfig, split: str) -> dict[str, Any]:
     return {"dataset": str(data_cfg.name), "split": split, "size": int(data_cfg.size),
             "heldout_fraction": float(data_cfg.heldout_fraction), "split_seed": int(data_cfg.split_seed),
             "backend": backend.name, "input_size": int(backend.input_size), "fingerprint": backend.fingerprint}
@@ -59,7 +59,7 @@ def reference_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
     return Path(cache_dir) / f"reference-{key['backend']}-{key['split']}-{digest}.pt"
 
 
-def reference_features(backend: FeatureBackend, data_cfg: Any, split: str, cache_dir: str | Path,
+def reference_features(backend: FeatureBackend, data_cfg: DataConfig, split: str, cache_dir: str | Path,
                        batch_size: int = 250) -> RealFeatures:
     """Features of the real ``split`` images under ``backend``, from the cache when present.
 
@@ -68,10 +68,13 @@ def reference_features(backend: FeatureBackend, data_cfg: Any, split: str, cache
     key = reference_key(backend, data_cfg, split)
     path = reference_path(cache_dir, key)
     if path.is_file():
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if data["key"] == key:  # the file name is a hash; the stored key guards against collisions
-            log.info("reference features (%s, %s): reused %s", split, backend.name, path)
-            return RealFeatures(data["features"], data["logits"], key)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if data["key"] == key:  # the file name is a hash; the stored key guards against collisions
+                log.info("reference features (%s, %s): reused %s", split, backend.name, path)
+                return RealFeatures(data["features"], data["logits"], key)
+        except Exception as e:  # truncated by a crash or a full disk: rebuilt below, never trusted
+            log.warning("reference cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:120])
     feats, logits = extract(backend, real_images(data_cfg, split), batch_size)
     ref = RealFeatures(feats.cpu(), None if logits is None else logits.cpu(), key)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,7 @@ def reference_features(backend: FeatureBackend, data_cfg: Any, split: str, cache
     return ref
 
 
-def cached_metrics(metrics_cfg: Any, data_cfg: Any, cache_dir: str | Path, split: str = "heldout",
+def cached_metrics(metrics_cfg: MetricsConfig, data_cfg: DataConfig, cache_dir: str | Path, split: str = "heldout",
                    backend: FeatureBackend | None = None, sync: bool = False) -> ImageMetrics:
     """ImageMetrics (from the ``metrics`` group) holding the cached reference features of ``split``.
 
@@ -96,7 +99,7 @@ def cached_metrics(metrics_cfg: Any, data_cfg: Any, cache_dir: str | Path, split
     return m
 
 
-def shape_problem(shape: tuple[int, ...], data_cfg: Any, backend: FeatureBackend) -> str | None:
+def shape_problem(shape: tuple[int, ...], data_cfg: DataConfig, backend: FeatureBackend) -> str | None:
     """Why samples of per-image ``shape`` (C, H, W) cannot be scored against the ``data_cfg`` reference
     under ``backend``; None when they can."""
     ref = tuple(real_images(data_cfg, "heldout").shape[1:])

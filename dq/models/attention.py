@@ -9,13 +9,14 @@ operands can be quantized:
 with per-step-per-head TemporalActQuantizers ([T, H] tables, q/k/v/P in the [B, H, N, d] layout).
 The processor is an nn.Module, so ``Attention.set_processor`` registers it as the submodule
 ``processor`` and its tables are in the state_dict. to_q/to_k/to_v/to_out are QuantLinear layers
-swapped in by ``dq.models.quantize.prepare`` like every other Linear.
+swapped in by ``dq.models.student.prepare`` like every other Linear. Families call
+:func:`install_quant_attention` for each ``Attention`` they quantize.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import Tensor, nn
 
 from dq.quant.quantizers import TemporalActQuantizer
@@ -135,3 +136,23 @@ class QuantAttnProcessor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}"
+
+
+def install_quant_attention(name: str, attn: Attention, a_bits: int, prob_bits: int | None, num_steps: int) -> None:
+    """Give ``attn`` (qualified name ``name``, for errors) a QuantAttnProcessor with T = num_steps tables."""
+    if not isinstance(attn.processor, (AttnProcessor, AttnProcessor2_0)):
+        raise ValueError(f"{name}: processor {type(attn.processor).__name__} is not the default one; "
+                         "QuantAttnProcessor mirrors AttnProcessor2_0 only (add the module to quant.skip)")
+    if attn.added_kv_proj_dim is not None:
+        raise ValueError(f"{name}: added-KV attention is not supported; add it to quant.skip")
+    p = next(attn.parameters())
+    # Attention.set_processor registers an nn.Module processor as the submodule `processor`, so its
+    # tables land in the state_dict (not every model class has set_attn_processor).
+    attn.set_processor(QuantAttnProcessor(attn.heads, a_bits, prob_bits, num_steps).to(device=p.device, dtype=p.dtype))
+
+
+def restore_attention(model: nn.Module) -> None:
+    """Every QuantAttnProcessor of ``model`` back to diffusers' default processor."""
+    for m in model.modules():
+        if isinstance(m, Attention) and isinstance(m.processor, QuantAttnProcessor):
+            m.set_processor(AttnProcessor2_0())

@@ -1,6 +1,6 @@
 """Conditioning inputs for conditional UNets when no text encoder is configured.
 
-A UNet2DConditionModel consumes encoder hidden states [B, L, D]. Without a text encoder (tests,
+A text-conditional denoiser consumes encoder hidden states [B, L, D]. Without a text encoder (tests,
 tiny models) each image index gets a fixed Gaussian "prompt embedding" drawn from (seed, index), and
 the unconditional embedding is zeros — enough to exercise cross-attention and classifier-free
 guidance end to end.
@@ -11,16 +11,16 @@ from typing import Callable
 
 import torch
 
-from dq.models.load import Teacher
+from dq.models.load import DiffusionModel
 
 PROMPT_TOKENS = 8
 
 
-def cond_fn_for(teacher: Teacher, seed: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+def cond_fn_for(teacher: DiffusionModel, seed: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """``indices -> (cond, uncond)`` for a conditional teacher, None for an unconditional one."""
-    if not teacher.conditional:
+    dim = teacher.family.cond_dim(teacher.denoiser)
+    if dim is None:
         return None
-    dim = teacher.unet.config.cross_attention_dim
 
     def fn(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cond = torch.stack([torch.randn(PROMPT_TOKENS, dim, generator=torch.Generator().manual_seed(

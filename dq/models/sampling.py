@@ -5,35 +5,48 @@ images do not depend on batch size or on how generation is sharded across proces
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-from tqdm import tqdm
 
+from dq.console import progress
 from dq.errors import DQError, choice_error
-from dq.models.load import Teacher
+from dq.models.families import family_of
+from dq.models.load import DiffusionModel
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 
 
-def make_sampler(teacher: Teacher, sampler_cfg: Any):
-    """A scheduler set to ``sampler_cfg.steps`` inference steps on the teacher's noise schedule."""
-    name = sampler_cfg.name
-    if name not in SAMPLERS:
-        raise choice_error("sampler.name", name, SAMPLERS)
-    steps = int(sampler_cfg.steps)
-    max_steps = teacher.scheduler.config.num_train_timesteps
-    if not 1 <= steps <= max_steps:
-        raise DQError(f"sampler.steps={steps} must be in 1..{max_steps}")
-    sched = SAMPLERS[name].from_config(teacher.scheduler.config)
-    sched.set_timesteps(steps)
+@dataclass
+class SamplerConfig:
+    """The ``sampler`` config group: which diffusers scheduler samples, with how many steps and DDIM's η."""
+
+    name: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise choice_error("sampler.name", self.name, SAMPLERS)
+        if self.steps < 1:
+            raise DQError(f"sampler.steps={self.steps} must be >= 1")
+
+
+def make_sampler(model: DiffusionModel, sampler: SamplerConfig):
+    """A scheduler set to ``sampler.steps`` inference steps on the model's noise schedule."""
+    max_steps = model.scheduler.config.num_train_timesteps
+    if not 1 <= sampler.steps <= max_steps:
+        raise DQError(f"sampler.steps={sampler.steps} must be in 1..{max_steps}")
+    sched = SAMPLERS[sampler.name].from_config(model.scheduler.config)
+    sched.set_timesteps(sampler.steps)
     return sched
 
 
-def sampler_timesteps(teacher: Teacher, sampler_cfg: Any) -> list[int]:
+def sampler_timesteps(model: DiffusionModel, sampler: SamplerConfig) -> list[int]:
     """The raw timesteps at which the sampler calls the model, in calling order (TPQ rows)."""
-    return [int(t) for t in make_sampler(teacher, sampler_cfg).timesteps]
+    return [int(t) for t in make_sampler(model, sampler).timesteps]
 
 
 def initial_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -43,7 +56,7 @@ def initial_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> t
 
 
 @torch.no_grad()
-def denoise(unet: torch.nn.Module, sched, x: torch.Tensor, cond: torch.Tensor | None = None,
+def denoise(denoiser: torch.nn.Module, sched, x: torch.Tensor, cond: torch.Tensor | None = None,
             uncond: torch.Tensor | None = None, guidance_scale: float = 1.0, seed: int = 0,
             on_step: Callable[[int, int, torch.Tensor], None] | None = None, eta: float = 0.0) -> torch.Tensor:
     """Run the sampler from x_T to x_0. ``on_step(step, raw_t, x_t)`` sees each model input.
@@ -52,6 +65,7 @@ def denoise(unet: torch.nn.Module, sched, x: torch.Tensor, cond: torch.Tensor | 
     runs the unconditional and conditional halves in one batch (both at the same step).
     """
     gen = torch.Generator().manual_seed(seed)
+    family = family_of(denoiser)
     step_kwargs = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}  # η: DDIM's stochasticity
     use_cfg = cond is not None and guidance_scale != 1.0
     for step, t in enumerate(sched.timesteps):
@@ -59,12 +73,10 @@ def denoise(unet: torch.nn.Module, sched, x: torch.Tensor, cond: torch.Tensor | 
             on_step(step, int(t), x)
         tt = torch.full((x.shape[0] * (2 if use_cfg else 1),), int(t), dtype=torch.long, device=x.device)
         if use_cfg:
-            eps_u, eps_c = unet(torch.cat([x, x]), tt, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+            eps_u, eps_c = family.forward(denoiser, torch.cat([x, x]), tt, torch.cat([uncond, cond])).chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
-        elif cond is not None:
-            eps = unet(x, tt, encoder_hidden_states=cond).sample
         else:
-            eps = unet(x, tt).sample
+            eps = family.forward(denoiser, x, tt, cond)
         x = sched.step(eps, t, x, generator=gen, **step_kwargs).prev_sample
     return x
 
@@ -74,24 +86,24 @@ def batches(indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 @torch.no_grad()
-def sample_images(teacher: Teacher, unet: torch.nn.Module, sampler_cfg: Any, indices: torch.Tensor, seed: int,
+def sample_images(teacher: DiffusionModel, denoiser: torch.nn.Module, sampler_cfg: SamplerConfig, indices: torch.Tensor, seed: int,
                   batch_size: int = 250, cond_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
                   guidance_scale: float = 1.0, desc: str = "sampling") -> torch.Tensor:
-    """Generate the images with global ``indices`` using ``unet`` (teacher or student): [N, C, H, W] in [−1, 1].
+    """Generate the images with global ``indices`` using ``denoiser`` (teacher or student): [N, C, H, W] in [−1, 1].
 
     ``cond_fn(indices) -> (cond, uncond)`` supplies encoder hidden states for conditional UNets.
     """
     if len(indices) == 0:
         raise DQError("number of images to sample must be > 0")
     out = []
-    device = next(unet.parameters()).device
-    bar = tqdm(total=len(indices), desc=desc, unit="img", leave=False)
+    device = next(denoiser.parameters()).device
+    bar = progress(total=len(indices), desc=desc, unit="img", leave=False, per_update=True)
     for chunk in batches(indices, batch_size):
         sched = make_sampler(teacher, sampler_cfg)
         x = initial_noise(chunk, teacher.sample_shape, seed).to(device)
         cond, uncond = cond_fn(chunk) if cond_fn is not None else (None, None)
-        x = denoise(unet, sched, x, cond, uncond, guidance_scale, seed=seed * 7919 + int(chunk[0]),
-                    eta=float(sampler_cfg.get("eta") or 0.0))
+        x = denoise(denoiser, sched, x, cond, uncond, guidance_scale, seed=seed * 7919 + int(chunk[0]),
+                    eta=float(sampler_cfg.eta or 0.0))
         out.append(x.clamp(-1, 1).cpu())
         bar.update(len(chunk))
     bar.close()

@@ -1,59 +1,81 @@
-"""Save and load a quantized student as one file that carries its own configuration.
+"""Make a fake-quantized student from a diffusers denoiser, through its model family.
 
-The file holds the UNet's class and config (so no teacher weights are needed to rebuild it), the
-noise-scheduler config, the QuantConfig, the sampler it was trained for and the run's config, plus
-the student's state_dict. Loading = build the UNet from config → ``prepare`` → strict load.
+Order of use (each step assumes the previous one):
+
+    1. ``prepare(model, qcfg)``            Conv2d/Linear → QuantConv2d/QuantLinear, quantized attention,
+                                           ``model.dq_step_index`` + the hooks that map timesteps to rows.
+    2. ``weight_dilation(model, batches)`` WD (or ``smoothquant(model, batches, alpha)``); both
+                                           re-initialise the weight quantizers (WD gives identical Δ_w).
+    3. ``calibrate(model, batches)``       per-step activation tables from calibration data.
+
+A batch is (x_t [B, C, H, W], raw_t [B] or scalar, cond or None). Calling the model maps its timestep
+to table rows; calling blocks directly needs ``with model.dq_step_index.use(rows_of(model, t)):``.
 """
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable, Sequence
 
-import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from torch import Tensor, nn
 
-from dq.errors import DQError
-from dq.models.load import Teacher
-from dq.models.quantize import QuantConfig, prepare
-
-FORMAT = "dq-student-v1"
-UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+from dq.models.attention import restore_attention
+from dq.models.families import family_of
+from dq.quant import calibration
+from dq.quant.calibration import CalibrationReport
+from dq.quant.config import QuantConfig
+from dq.quant.prepare import attach_step_index, dequantize_layers, detach_step_index, quantize_layers
+from dq.quant.scaling import apply_smoothquant, apply_weight_dilation
 
 
-def save_student(path: Path, student: torch.nn.Module, teacher: Teacher, qcfg: QuantConfig,
-                 sampler: dict[str, Any], run_config: dict[str, Any]) -> Path:
-    payload = {
-        "format": FORMAT,
-        "unet_class": type(student).__name__,
-        "unet_config": dict(student.config),
-        "scheduler_config": dict(teacher.scheduler.config),
-        "quant": dataclasses.asdict(qcfg),
-        "sampler": sampler,
-        "run_config": run_config,
-        "teacher": teacher.name,
-        "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+def prepare(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
+    """Make ``model`` (in place) a fake-quantized student; returns it. Layers get min–max Δ_w and
+    T = qcfg.num_steps activation tables; the network output is not quantized. Every parameter and
+    buffer exists afterwards, so a trained student's state_dict loads with ``strict=True`` into
+    ``prepare(fresh_model, same_qcfg)``."""
+    family = family_of(model)
+    if hasattr(model, "dq_step_index"):
+        raise ValueError("this model is already prepared")
+    quantize_layers(model, lambda name, layer: family.layer_bits(name, layer, qcfg), qcfg.num_steps)
+    family.quantize_attention(model, qcfg)
+    attach_step_index(model, qcfg.timesteps, not qcfg.shared_tables, family.timestep_of)
+    return model
 
 
-def load_student(path: str | Path) -> tuple[Teacher, dict[str, Any]]:
-    """(a Teacher whose ``unet`` is the quantized student, the checkpoint's metadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DQError(f"student checkpoint {str(path)!r} does not exist; give the student.pt a quantize run wrote")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise DQError(f"{str(path)!r} is not a dq student checkpoint (expected format {FORMAT!r})")
-    cls = UNET_CLASSES[payload["unet_class"]]
-    config = {k: v for k, v in payload["unet_config"].items() if not k.startswith("_")}
-    unet = prepare(cls.from_config(config), QuantConfig(**payload["quant"]))
-    unet.load_state_dict(payload["state_dict"], strict=True)
-    unet.eval().requires_grad_(False)
-    scheduler = DDPMScheduler.from_config(payload["scheduler_config"])
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    return Teacher(unet, scheduler, f"student:{path}"), meta
+def unprepare(model: nn.Module) -> nn.Module:
+    """Inverse of :func:`prepare` (in place): float layers (input_scale folded into the weights),
+    default attention processors, no hooks, no step index. Folded WD norms stay (exact in float)."""
+    dequantize_layers(model)
+    restore_attention(model)
+    detach_step_index(model)
+    return model
+
+
+def _runner(model: nn.Module):
+    family = family_of(model)
+
+    def run(batch: Sequence) -> Tensor:
+        if len(batch) not in (2, 3):
+            raise ValueError(f"a batch is (x_t, raw_t) or (x_t, raw_t, cond), got {len(batch)} items")
+        return family.forward(model, batch[0], batch[1], batch[2] if len(batch) == 3 else None)
+    return run
+
+
+def calibrate(model: nn.Module, batches: Iterable[Sequence], method: str = "minmax", **kwargs) -> CalibrationReport:
+    """Per-step activation tables from data (see ``dq.quant.calibration.calibrate``)."""
+    return calibration.calibrate(model, batches, _runner(model), method, **kwargs)
+
+
+def input_absmax(model: nn.Module, batches: Iterable[Sequence]) -> dict[str, Tensor]:
+    """max |x_k| per input channel of every quantized layer on the float network (before WD / SQ)."""
+    return calibration.input_absmax(model, batches, _runner(model))
+
+
+def weight_dilation(model: nn.Module, batches: Sequence[Sequence] | None = None) -> list[dict]:
+    """Weight Dilation on the family's groups. With ``batches``, the report also says what it did to
+    the activations (one extra float pass)."""
+    absmax = input_absmax(model, batches) if batches is not None else None
+    return apply_weight_dilation(model, family_of(model).dilation_groups(model), act_absmax=absmax)
+
+
+def smoothquant(model: nn.Module, batches: Sequence[Sequence], alpha: float = 0.5) -> list[dict]:
+    """SmoothQuant α-scaling on the family's groups (needs the activation maxima: one float pass)."""
+    return apply_smoothquant(model, family_of(model).dilation_groups(model), input_absmax(model, batches), alpha)

@@ -5,7 +5,8 @@ activation maxima of the quantized layers (for SmoothQuant and the WD report).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -13,7 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from dq.quant.layers import QuantConv2d, iter_quant_layers
-from dq.quant.quantizers import TemporalActQuantizer
+from dq.quant.quantizers import CALIBRATION_METHODS, TemporalActQuantizer, WeightQuantizer, set_quant_state
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +33,18 @@ class CalibrationReport:
     calibrated: int = 0
     unobserved: list[str] = field(default_factory=list)
     missing_rows: list[int] = field(default_factory=list)
+    missing_timesteps: list[int] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """What calibration had to fill in by rule, for results.json (empty when nothing was)."""
+        out = []
+        if self.unobserved:
+            out.append(f"calibration: {len(self.unobserved)} activation quantizers saw no data and keep their "
+                       f"initial tables: {self.unobserved}")
+        if self.missing_rows:
+            out.append(f"calibration: raw timesteps {self.missing_timesteps or self.missing_rows} were never seen; "
+                       f"their tables were copied from the nearest seen step")
+        return out
 
 
 def act_quantizers(model: nn.Module) -> Iterator[tuple[str, TemporalActQuantizer]]:
@@ -90,3 +105,48 @@ def record_input_absmax(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable, run: Callable[[object], object], method: str = "minmax",
+              percentile: float = 99.99, samples_per_row: int = 512, mse_grid: int = 81) -> CalibrationReport:
+    """Initialise every activation table of ``model`` from data (per step: TPQ).
+
+    ``run(batch)`` runs the model on one batch (the model family knows how). Weight quantizers keep
+    their state, so activations are those of the weight-quantized network. Steps never seen are
+    filled from the nearest seen step; both that and quantizers that saw nothing are logged.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method={method!r}; valid choices are {CALIBRATION_METHODS}")
+    start_calibration(model, samples_per_row=0 if method == "minmax" else samples_per_row)
+    try:
+        for batch in batches:
+            run(batch)
+    except BaseException:
+        for _, q in act_quantizers(model):
+            q.cancel_calibration()
+        raise
+    report = finish_calibration(model, method, percentile=percentile, mse_grid=mse_grid)
+    ts = getattr(model, "dq_step_index", None)
+    if report.missing_rows and ts is not None and len(ts):
+        report.missing_timesteps = ts.timesteps[report.missing_rows].tolist()
+    for note in report.notes():
+        log.warning(note)
+    return report
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, batches: Iterable, run: Callable[[object], object]) -> dict[str, Tensor]:
+    """max |x_k| per input channel of every quantized layer's raw input, with all quantizers off (the
+    float network). Name → [C_in] float32. Run it before WD / SmoothQuant."""
+    quantizers = [m for m in model.modules() if isinstance(m, (WeightQuantizer, TemporalActQuantizer))]
+    saved = [q.enabled for q in quantizers]
+    set_quant_state(model, weight=False, act=False)
+    try:
+        with record_input_absmax(model) as stats:
+            for batch in batches:
+                run(batch)
+    finally:
+        for q, e in zip(quantizers, saved):
+            q.enabled = e
+    return stats

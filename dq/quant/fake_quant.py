@@ -94,6 +94,12 @@ def fake_quant_nograd(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -
     """
     qmax = qmax_of(bits)
     z = torch.round(zero_point).clamp(0, qmax)
+    if delta.numel() == 1 and z.numel() == 1:  # one row for the whole batch (sampling): 0-dim operands
+        d0, z0 = delta.reshape(()), z.reshape(())  # take the scalar kernels, and clamp is one pass
+        t = x * d0.reciprocal()
+        t.round_()
+        t.clamp_(-z0, qmax - z0)
+        return t.mul_(d0)
     t = x * delta.reciprocal()
     t.round_()
     torch.maximum(t, -z, out=t)
@@ -106,7 +112,7 @@ def minmax_params(xmin: Tensor, xmax: Tensor, bits: int) -> tuple[Tensor, Tensor
 
     The effective range always contains 0: xmin' = min(xmin, 0), xmax' = max(xmax, 0);
     Δ = (xmax' − xmin') / (2^b − 1), clamped ≥ 1e-8; z = round(−xmin' / Δ).
-    Weight Dilation (dq.dilation) keeps exactly these effective bounds per output channel,
+    Weight Dilation (dq.quant.dilation) keeps exactly these effective bounds per output channel,
     which is why it leaves Δ_w and z_w unchanged.
 
     Args:

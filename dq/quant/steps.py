@@ -1,7 +1,7 @@
 """Map raw sampler timesteps to rows of the per-step quantization tables (TPQ, method.md §3).
 
 There is no hidden counter: the caller states the step of every sample of a batch, either with
-``with step_index.use(rows):`` or through the UNet pre-forward hook of ``dq.models.quantize`` that
+``with step_index.use(rows):`` or through the model pre-forward hook of ``dq.quant.prepare.attach_step_index`` that
 derives the rows from the ``timestep`` argument.
 """
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from dq.data.digits import DigitsDataModule
 from dq.metrics.features import DigitsClassifier
@@ -36,7 +36,7 @@ def accuracy(net: DigitsClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
     return (net(x).argmax(1) == y).float().mean().item()
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     t = cfg.task
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -50,7 +50,7 @@ def run(cfg: Any) -> dict[str, Any]:
     steps_per_epoch = len(x_tr) // t.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=t.lr, total_steps=t.epochs * steps_per_epoch)
     start = time.time()
-    for _ in tqdm(range(t.epochs), desc="classifier epochs"):
+    for _ in range(t.epochs):
         net.train()
         perm = torch.randperm(len(x_tr), generator=gen)
         for i in range(steps_per_epoch):

@@ -12,13 +12,16 @@ from typing import Any, Callable
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from dq.config import LoggerConfig, typed
+from dq.evaluation import Protocol
 from dq.errors import DQError, choice_error
+from dq.tasks import TASK_CONFIGS
 
 log = logging.getLogger("dq")
-TASKS = ("quantize", "evaluate", "pretrain", "classifier")
+TASKS = tuple(TASK_CONFIGS)
 
 
-def run_dir(cfg: Any) -> Path:
+def run_dir(cfg: DictConfig) -> Path:
     out = Path(str(cfg.paths.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -30,29 +33,41 @@ def command_line() -> str:
     return f"python {Path(sys.argv[0]).name} {args}".strip()
 
 
-def make_trainer(cfg: Any, **overrides: Any) -> L.Trainer:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The ``trainer`` group (validated) as lightning.Trainer keyword arguments."""
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(typed(cfg, "trainer")).items() if v is not None}
 
 
-def make_logger(cfg: Any, out: Path, job: str):
+def make_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    return L.Trainer(**{**trainer_kwargs(cfg), **overrides})
+
+
+def make_logger(cfg: DictConfig, out: Path, job: str):
     """A Lightning logger from the ``logger`` group: wandb (offline by default), csv or none."""
-    kind = cfg.logger.kind
-    if kind == "none":
+    lc: LoggerConfig = typed(cfg, "logger")
+    if lc.kind == "none":
         return False
-    if kind == "csv":
+    if lc.kind == "csv":
         return L.pytorch.loggers.CSVLogger(save_dir=str(out), name=job)
-    if kind == "wandb":
-        os.environ.setdefault("WANDB_SILENT", "true")
-        from lightning.pytorch.loggers import WandbLogger
+    os.environ.setdefault("WANDB_SILENT", "true")
+    from lightning.pytorch.loggers import WandbLogger
 
-        lc = cfg.logger
-        return WandbLogger(save_dir=str(out), project=lc.project, group=wandb_group(cfg),
-                           name=lc.get("name") or f"{job}-{out.name}", mode=lc.mode, job_type=job,
-                           tags=list(lc.get("tags") or []),
-                           config=OmegaConf.to_container(cfg, resolve=False))
-    raise choice_error("logger.kind", kind, ["wandb", "csv", "none"])
+    logger = WandbLogger(save_dir=str(out), project=lc.project, group=wandb_group(cfg),
+                         name=lc.name or f"{job}-{out.name}", mode=lc.mode, job_type=job, tags=list(lc.tags),
+                         config=OmegaConf.to_container(cfg, resolve=False))
+    logger._wandb_init.pop("anonymous", None)  # Lightning always passes anonymous=None; wandb warns on it
+    return logger
+
+
+def protocol(cfg: DictConfig, sampler: Any = None) -> Protocol:
+    """The evaluation protocol of a run (task group + sampler, metrics, data, cache)."""
+    t = cfg.task
+    return Protocol(sampler=sampler or typed(cfg, "sampler"), metrics=typed(cfg, "metrics"), data=typed(cfg, "data"),
+                    cache_dir=str(cfg.paths.cache_dir), num_samples=t.num_samples, batch_size=t.batch_size,
+                    seed=int(cfg.seed), seeds=int(t.get("seeds", 1)), floor=bool(t.floor), grid=int(t.grid),
+                    guidance_scale=float(t.get("guidance_scale", 1.0)))
 
 
 def is_multirun() -> bool:
@@ -62,7 +77,7 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def wandb_group(cfg: Any) -> str | None:
+def wandb_group(cfg: DictConfig) -> str | None:
     """logger.group, or for a hydra multirun the sweep's directory name, so one sweep = one group."""
     if cfg.logger.get("group"):
         return str(cfg.logger.group)
@@ -89,9 +104,12 @@ def job_overrides() -> list[str]:
 
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:
+    """results.json, written to a temporary name and renamed (never half-written)."""
     results = {"overrides": job_overrides(), **results}
     path = out / "results.json"
-    path.write_text(json.dumps(results, indent=2, default=float))
+    tmp = out / f"results.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2, default=float))
+    tmp.replace(path)
     return path
 
 
@@ -101,11 +119,14 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     A ``DQError`` (bad user input) prints as one line and exits with status 2. In a multirun any
     failure is logged with its traceback and the sweep goes on to the next job.
     """
+    from dq import console
+
+    console.configure()
     name = cfg.task.name
     try:
         if name not in TASKS:
             raise choice_error("task", name, TASKS)
-        task: Callable[[Any], dict[str, Any]] = importlib.import_module(f"dq.tasks.{name}").run
+        task: Callable[[DictConfig], dict[str, Any]] = importlib.import_module(f"dq.tasks.{name}").run
         return task(cfg)
     except Exception as e:
         if is_multirun():

@@ -1,6 +1,6 @@
 """Pretrain a full-precision DDPM on the embedded digits: the teacher that dq then quantizes.
 
-``python train.py task=pretrain`` trains the UNet in ``dq.models.load.DIGITS_UNET`` with the ε
+``python train.py task=pretrain`` trains the UNet in ``dq.models.families.unet.DIGITS`` with the ε
 objective, keeps an EMA of the weights (decay warms up as min(decay, (1+n)/(10+n)) so early averages
 are not dominated by the random init), saves the EMA UNet + scheduler as a diffusers folder in the
 run directory, evaluates it, and writes a model card. ``task.export_to=dq/assets/digits_teacher``
@@ -17,22 +17,23 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
 from dq.data.digits import DigitsDataModule
-from dq.models.load import DIGITS_UNET, Teacher, write_reference_io
+from dq.models.load import DiffusionModel, build_arch, write_reference_io
 from dq.tasks.common import command_line, finish_logger, make_logger, make_trainer, run_dir
 
 
 class DDPMPretrainer(L.LightningModule):
     """ε-prediction DDPM training with an EMA copy of the UNet."""
 
-    def __init__(self, unet_kwargs: dict[str, Any], num_train_timesteps: int, beta_schedule: str,
+    def __init__(self, arch: str, num_train_timesteps: int, beta_schedule: str,
                  lr: float, ema_decay: float, warmup_steps: int) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.unet = UNet2DModel(**unet_kwargs)
+        self.unet = build_arch(arch).denoiser.train().requires_grad_(True)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone(), persistent=False)
@@ -64,9 +65,9 @@ class DDPMPretrainer(L.LightningModule):
 def write_card(folder: Path, info: dict[str, Any]) -> None:
     """A short model card: how the teacher was made and how good it is."""
     lines = [
-        "# Embedded digits teacher (DDPM, diffusers UNet2DModel)", "",
+        f"# Embedded digits teacher (DDPM, diffusers {info['class']})", "",
         f"- made by: `{info['command']}`",
-        f"- architecture: UNet2DModel, {info['params'] / 1e6:.2f}M parameters, 16×16×1, "
+        f"- architecture: {info['class']}, {info['params'] / 1e6:.2f}M parameters, 16×16×1, "
         "resolutions 16/8/4, self-attention at 8×8",
         f"- training: {info['steps']} steps, batch {info['batch_size']}, lr {info['lr']}, EMA {info['ema_decay']}; "
         f"{info['train_seconds'] / 60:.1f} min on {info['device']}",
@@ -84,13 +85,13 @@ def write_card(folder: Path, info: dict[str, Any]) -> None:
     (folder / "training.json").write_text(json.dumps(info, indent=2))
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     t = cfg.task
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = run_dir(cfg)
     dm = DigitsDataModule(size=cfg.data.size, heldout_fraction=cfg.data.heldout_fraction,
                           split_seed=cfg.data.split_seed, batch_size=t.batch_size)
-    module = DDPMPretrainer(dict(DIGITS_UNET), t.num_train_timesteps, t.beta_schedule, t.lr, t.ema_decay,
+    module = DDPMPretrainer("digits", t.num_train_timesteps, t.beta_schedule, t.lr, t.ema_decay,
                             t.warmup_steps)
     logger = make_logger(cfg, out, job="pretrain")
     trainer = make_trainer(cfg, max_steps=t.steps, logger=logger,
@@ -107,17 +108,21 @@ def run(cfg: Any) -> dict[str, Any]:
     folder = out / "teacher"
     module.ema.save_pretrained(folder / "unet")
     module.scheduler.save_pretrained(folder / "scheduler")
-    write_reference_io(module.ema, folder)
-    info = dict(command=command_line(), params=sum(p.numel() for p in module.unet.parameters()),
+    write_reference_io(DiffusionModel(module.ema, module.scheduler, "pretrained"), folder)
+    info = dict(command=command_line(), **{"class": type(module.unet).__name__}, params=sum(p.numel() for p in module.unet.parameters()),
                 steps=t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay,
                 train_seconds=seconds, device=f"{torch.get_num_threads()} CPU threads",
                 train_images=len(dm.train_set))
     metrics: dict[str, Any] = {"train_seconds": seconds}
     if t.evaluate:
-        from dq.tasks.evaluate import evaluate_teacher
+        from dq.evaluation import evaluate_models, format_table
+        from dq.models.sampling import SamplerConfig
+        from dq.tasks.common import protocol, write_results
 
-        teacher = Teacher(module.ema.eval().requires_grad_(False), module.scheduler, "pretrained")
-        result = evaluate_teacher(cfg, teacher, out)
+        teacher = DiffusionModel(module.ema.eval().requires_grad_(False), module.scheduler, "pretrained")
+        result = evaluate_models(protocol(cfg, SamplerConfig()), teacher, {"fp": teacher.denoiser}, out)
+        print(format_table(result["rows"]))
+        write_results(out, {"command": command_line(), "model": teacher.name, "seed": int(cfg.seed), **result})
         info["metrics"] = {"command": command_line(), "rows": result["rows"]}
         metrics.update(result["summary"])
     write_card(folder, info)

@@ -1,16 +1,16 @@
-"""The main job: quantize a teacher with DilateQuant (or an ablation), then evaluate it.
+"""The main job: quantize a teacher with a method (``method=``, dq/methods/), then evaluate it.
 
 ``python train.py`` = embedded digits teacher, W4A4, DilateQuant (WD + TPQ + BKD):
 
-1. calibration trajectories from the teacher's own sampler (cached on disk);
-2. student = copy of the teacher → prepare (fake-quant layers, per-step tables) → Weight Dilation
-   (or SmoothQuant / none) → activation tables initialised per step from calibration inputs;
-3. block-wise distillation (Lightning, manual optimisation, checkpoints every distill.ckpt_every);
-4. FP and student sampled with the same sampler, seed and noise, scored, written to results.json.
+1. calibration trajectories from the teacher's own sampler (cached on disk), built when the method
+   first asks for them;
+2. the method turns a copy of the teacher into a student (dq/methods/<name>.py);
+3. FP and student sampled with the same sampler, seed and noise, scored, written to results.json,
+   and the student saved as ``student.safetensors``.
 """
 from __future__ import annotations
 
-import copy
+import functools
 import logging
 import resource
 import time
@@ -19,49 +19,27 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from dq.data.calibration import CalibrationDataModule, load_or_generate
-from dq.distill.bkd import BlockDistiller, DistillConfig
-from dq.distill.callbacks import BlockProgressBar, QuantDashboard, RankConsistency, act_tables, is_wandb
-from dq.errors import DQError, choice_error
+from dq.config import typed
+from dq.data.calibration import load_or_generate
+from dq.distill.callbacks import act_tables, is_wandb
+from dq.distill.fit import FitRun, fit
+from dq.errors import DQError
+from dq.evaluation import evaluate_models, format_table
+from dq.methods import recipe_for
+from dq.methods.base import Job, Student
 from dq.metrics.callbacks import fid_callback
 from dq.metrics.grid import side_by_side_png
-from dq.models.blocks import select_blocks, unet_blocks
-from dq.models.load import Teacher, load_teacher
-from dq.models.quantize import QuantConfig, build_student, prepare
+from dq.models.blocks import select_blocks
+from dq.models.checkpoint import save_student
+from dq.models.load import DiffusionModel, load_model
 from dq.models.sampling import sampler_timesteps
-from dq.models.student import save_student
-from dq.tasks.common import (command_line, finish_logger, make_logger, make_trainer, run_dir, wandb_group,
-                             write_results)
-from dq.tasks.evaluate import check_num_samples, evaluate_models, format_table
+from dq.tasks.common import (command_line, finish_logger, make_logger, protocol, run_dir, trainer_kwargs,
+                             wandb_group, write_results)
 
 log = logging.getLogger("dq")
-SCALINGS = {"wd": "wd", "sq": "sq", "none": None}
-
-
-def quant_config(cfg: Any, timesteps: list[int]) -> QuantConfig:
-    q, m = cfg.quant, cfg.method
-    try:
-        return QuantConfig(w_bits=q.w_bits, a_bits=q.a_bits, timesteps=tuple(timesteps),
-                           shared_tables=bool(m.shared_tables), prob_bits=q.prob_bits,
-                           first_last_bits=q.first_last_bits, quantize_attention=q.quantize_attention,
-                           skip=tuple(q.skip), quantize_time_embedding=q.quantize_time_embedding)
-    except ValueError as e:
-        raise DQError(f"quant: {e}") from None
-
-
-def distill_config(cfg: Any) -> DistillConfig:
-    d = cfg.distill
-    return DistillConfig(steps_per_block=int(d.steps_per_block), lr_weights=float(d.lr_weights),
-                         lr_delta_w=float(d.lr_delta_w), lr_act=float(d.lr_act), input=str(d.input),
-                         blocks=tuple(d.blocks), cosine=bool(d.cosine), granularity=str(d.granularity))
-
-
-def calibration_batches(calib, n: int, batch_size: int = 256) -> list[tuple]:
-    idx = torch.arange(min(n, len(calib)))
-    return [(calib.x[i], calib.t[i], None if calib.cond is None else calib.cond[i]) for i in idx.split(batch_size)]
+STUDENT_FILE = "student.safetensors"
 
 
 def peak_memory_mb() -> float:
@@ -70,105 +48,111 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def make_student(cfg: Any, teacher: Teacher, qcfg: QuantConfig, calib, resume: bool) -> tuple[torch.nn.Module, list]:
-    """prepare → scaling → activation init; on resume only prepare (the checkpoint holds the rest)."""
-    scaling_name = str(cfg.method.scaling)
-    student = copy.deepcopy(teacher.unet)
-    if resume:
-        return prepare(student, qcfg), []
-    batches = calibration_batches(calib, int(cfg.calib.act_init_samples))
-    student, report = build_student(student, qcfg, batches, scaling=SCALINGS[scaling_name],
-                                    calib_method=str(cfg.method.calib_method), sq_alpha=float(cfg.method.sq_alpha))
-    return student, report.scaling
+def timed(fn: Any, timings: dict[str, float], key: str) -> Any:
+    """``fn`` whose wall time is added to ``timings[key]``."""
+    def wrapper(*args: Any) -> Any:
+        start = time.time()
+        try:
+            return fn(*args)
+        finally:
+            timings[key] = timings.get(key, 0.0) + time.time() - start
+    return wrapper
 
 
-def distill(cfg: Any, teacher: Teacher, student: torch.nn.Module, calib, out: Path, logger: Any) -> dict[str, Any]:
-    dcfg = distill_config(cfg)
-    student.train().requires_grad_(True)
-    module = BlockDistiller(student, teacher.unet, dcfg)
-    dm = CalibrationDataModule(calib, int(cfg.distill.batch_size), module.total_steps, int(cfg.seed))
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0,
-                           every_n_train_steps=int(cfg.distill.ckpt_every))
-    callbacks = [ckpt, BlockProgressBar(), RankConsistency()] + ([QuantDashboard()] if is_wandb(logger) else [])
-    fid = fid_callback(cfg, teacher, out_dir=out)  # callbacks=fid: FID/IS after each block
-    if fid is not None:
-        callbacks.append(fid)
-    # use_distributed_sampler=False: StepSeededBatches already gives each rank its own slice.
-    trainer = make_trainer(cfg, max_steps=module.total_steps, logger=logger, callbacks=callbacks,
-                           use_distributed_sampler=False,
-                           enable_checkpointing=True, enable_progress_bar=False, default_root_dir=str(out))
+def make_job(cfg: DictConfig, teacher: DiffusionModel, out: Path, logger: Any, timings: dict[str, float]) -> Job:
+    sampler, calib_cfg, dcfg = typed(cfg, "sampler"), typed(cfg, "calib"), typed(cfg, "distill")
     resume = cfg.task.resume
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
-    student.eval().requires_grad_(False)
-    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("distill/loss/")}
-    return {"steps": trainer.global_step, "world_size": trainer.world_size, "is_global_zero": trainer.is_global_zero,
-            "ranks_identical": module.ranks_identical, "last_block_losses": losses}
+    if resume and not Path(str(resume)).is_file():
+        raise DQError(f"task.resume={resume!r} does not exist; give a checkpoints/last.ckpt of an earlier run")
+    if resume:  # read it once here with weights_only=True: a foreign or broken file is one line, and runs nothing
+        try:
+            state = torch.load(str(resume), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "state_dict" not in state:
+                raise ValueError("no state_dict in it")
+        except Exception as e:
+            raise DQError(f"task.resume={resume!r} is not a readable training checkpoint "
+                          f"({str(e).splitlines()[0][:160]}); give a checkpoints/last.ckpt of an earlier run") from None
+    # bad block names fail before any work
+    select_blocks(teacher.family.blocks(teacher.denoiser, dcfg.granularity), dcfg.blocks)
+    calibration = functools.cache(timed(lambda: load_or_generate(teacher, sampler, calib_cfg,
+                                                                 Path(str(cfg.paths.cache_dir))), timings, "calibration_data"))
+    fid = fid_callback(typed(cfg, "callbacks").fid, teacher, sampler, typed(cfg, "metrics"), typed(cfg, "data"),
+                       str(cfg.paths.cache_dir), int(cfg.seed), out_dir=out)
+    run = FitRun(out=out, seed=int(cfg.seed), trainer=trainer_kwargs(cfg), logger=logger,
+                 callbacks=[fid] if fid else [], resume=str(resume) if resume else None)
+    notes = []
+    if teacher.conditional:
+        notes.append("conditioning: stand-in Gaussian prompt embeddings (dq.models.conditioning) drive calibration, "
+                     "distillation and sampling; this model has no text encoder in dq")
+        log.warning(notes[-1])
+    return Job(notes=notes, teacher=teacher, quant=typed(cfg, "quant"), distill=dcfg, timesteps=sampler_timesteps(teacher, sampler),
+               calibration=calibration,
+               fit=timed(lambda student, d: fit(student, teacher.denoiser, calibration(), d, run), timings, "distill"),
+               act_init_samples=calib_cfg.act_init_samples, resume=bool(resume))
 
 
-def run(cfg: Any) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out = run_dir(cfg)
-    check_num_samples(cfg.task.num_samples)
-    teacher = load_teacher(cfg.model)
-    if not cfg.method.quantize:
-        return evaluate_fp(cfg, teacher, out, start)
-    qcfg = quant_config(cfg, sampler_timesteps(teacher, cfg.sampler))
-    dcfg = distill_config(cfg)
-    select_blocks(unet_blocks(teacher.unet, dcfg.granularity), list(dcfg.blocks))  # bad input fails before any work
-    if str(cfg.method.scaling) not in SCALINGS:
-        raise choice_error("method.scaling", cfg.method.scaling, SCALINGS)
-    resume = bool(cfg.task.resume)
-    if resume and not Path(str(cfg.task.resume)).is_file():
-        raise DQError(f"task.resume={cfg.task.resume!r} does not exist; give a checkpoints/last.ckpt of an earlier run")
-
-    calib = load_or_generate(teacher, cfg.sampler, cfg.calib, Path(str(cfg.paths.cache_dir)))
-    student, scaling_report = make_student(cfg, teacher, qcfg, calib, resume)
+    method = typed(cfg, "method")
+    recipe = recipe_for(method)
+    p = protocol(cfg)  # validates the evaluation settings before any work
+    teacher = load_model(typed(cfg, "model"))
     logger = make_logger(cfg, out, job="quantize")
     try:
-        train_info = distill(cfg, teacher, student, calib, out, logger) if cfg.method.bkd else {"steps": 0}
+        timings: dict[str, float] = {}
+        job = make_job(cfg, teacher, out, logger, timings)
+        student: Student = timed(recipe, timings, "method")(job, method)
+        timings["method_other"] = timings.pop("method") - timings.get("distill", 0) - timings.get("calibration_data", 0)
         results: dict[str, Any] = {
-            "command": command_line(), "model": teacher.name, "quant": OmegaConf.to_container(cfg.quant),
-            "method": OmegaConf.to_container(cfg.method), "sampler": OmegaConf.to_container(cfg.sampler),
-            "seed": int(cfg.seed), "bits": f"W{qcfg.w_bits}A{qcfg.a_bits}", "train": train_info,
+            "command": command_line(), "model": teacher.name, "method": OmegaConf.to_container(cfg.method),
+            "quant": OmegaConf.to_container(cfg.quant), "sampler": OmegaConf.to_container(cfg.sampler),
+            "seed": int(cfg.seed), "bits": "FP" if student.model is None else job.quant.label,
+            "train": student.train, "scaling": student.scaling, "notes": job.notes + student.notes,
             "wandb_group": wandb_group(cfg) if cfg.logger.kind == "wandb" else None,
-            "weight_dilation": scaling_report,
         }
-        if train_info.get("is_global_zero", True):
-            save_student(out / "student.pt", student, teacher, qcfg, OmegaConf.to_container(cfg.sampler),
-                         OmegaConf.to_container(cfg, resolve=False))
-            results["train_seconds"] = time.time() - start
-            if cfg.task.evaluate:
-                compare = bool(cfg.task.get("compare_fp", True))
-                models = {"fp": teacher.unet, "student": student} if compare else {"student": student}
-                ev = evaluate_models(cfg, teacher, models, out)
-                print(format_table(ev["rows"]))
-                if compare:
-                    side_by_side_png([out / "samples_fp.png", out / "samples_student.png"],
-                                     out / "samples_teacher_vs_student.png")
-                results.update(ev)
-                log_eval(logger, ev, out, scaling_report, student)
-            results["wall_seconds"] = time.time() - start
-            results["peak_memory_mb"] = peak_memory_mb()
-            write_results(out, results)
-        return {"bits": results["bits"], **results.get("summary", {}), "wall_seconds": time.time() - start}
+        for note in student.notes:  # job.notes were logged as warnings where they arose
+            log.info(note)
+        if not student.train.get("is_global_zero", True):
+            return {"bits": results["bits"]}
+        if student.model is not None:
+            save_student(out / STUDENT_FILE, student.model, teacher, student.qcfg,
+                         {"command": results["command"], "sampler": OmegaConf.to_container(cfg.sampler),
+                          "method": results["method"],
+                          "run_config": OmegaConf.to_container(cfg, resolve=False)})
+        results["train_seconds"] = time.time() - start
+        if cfg.task.evaluate:
+            if student.model is None:
+                models = {"fp": teacher.denoiser}
+            elif cfg.task.compare_fp:
+                models = {"fp": teacher.denoiser, "student": student.model}
+            else:
+                models = {"student": student.model}
+            ev = evaluate_models(p, teacher, models, out)
+            print(format_table(ev["rows"]))
+            if len(models) == 2:
+                side_by_side_png([out / "samples_fp.png", out / "samples_student.png"],
+                                 out / "samples_teacher_vs_student.png",
+                                 labels=["FP teacher", f"student {results['bits']} {method.name}"],
+                                 title=f"{teacher.name}, {p.sampler.name} {p.sampler.steps} steps, seed {p.seed}")
+            results.update(ev)
+            timings.update({f"sampling_{r['name']}": r["sample_seconds"] for r in ev["rows"] if "sample_seconds" in r})
+            timings["evaluation"] = time.time() - start - results["train_seconds"]
+            log_eval(logger, ev, out, student)
+        results["wall_seconds"] = time.time() - start
+        results["timings"] = {"startup": results["train_seconds"] - sum(v for k, v in timings.items()
+                                                                      if k in ("calibration_data", "distill", "method_other")),
+                              **timings}
+        results["peak_memory_mb"] = peak_memory_mb()
+        write_results(out, results)
+        return {"bits": results["bits"], **results.get("summary", {}), "wall_seconds": results["wall_seconds"]}
     finally:
         finish_logger(logger)
 
 
-def evaluate_fp(cfg: Any, teacher: Teacher, out: Path, start: float) -> dict[str, Any]:
-    """method=fp: the teacher evaluated exactly like a student would be (the reference row)."""
-    ev = evaluate_models(cfg, teacher, {"fp": teacher.unet}, out)
-    print(format_table(ev["rows"]))
-    write_results(out, {"command": command_line(), "model": teacher.name, "bits": "FP",
-                        "method": OmegaConf.to_container(cfg.method), "sampler": OmegaConf.to_container(cfg.sampler),
-                        "seed": int(cfg.seed), **ev, "wall_seconds": time.time() - start,
-                        "peak_memory_mb": peak_memory_mb()})
-    return {"bits": "FP", **ev["summary"], "wall_seconds": time.time() - start}
-
-
-def log_eval(logger: Any, ev: dict[str, Any], out: Path, scaling_report: list, student: torch.nn.Module) -> None:
-    """wandb: metrics, teacher-vs-student sample grid, WD statistics table, final Δ_x tables."""
+def log_eval(logger: Any, ev: dict[str, Any], out: Path, student: Student) -> None:
+    """wandb: metrics, teacher-vs-student sample grid, scaling statistics table, final Δ_x tables."""
     if not logger:
         return
     logger.log_metrics({f"eval/{k}": v for k, v in ev["summary"].items()})
@@ -180,12 +164,11 @@ def log_eval(logger: Any, ev: dict[str, Any], out: Path, scaling_report: list, s
     if pair.is_file():
         logger.experiment.log({"samples/teacher_vs_student": wandb.Image(str(pair), caption="teacher | student")},
                               commit=False)
-    if scaling_report:
-        cols = sorted({k for r in scaling_report for k in r if not isinstance(r[k], (list, dict))})
-        rows = [[",".join(r["layers"])] + [r.get(c) for c in cols] for r in scaling_report]
-        logger.experiment.log({"weight_dilation/layers": wandb.Table(columns=["layers", *cols], data=rows)},
-                              commit=False)
-    tables = act_tables(student)
+    if student.scaling:
+        cols = sorted({k for r in student.scaling for k in r if not isinstance(r[k], (list, dict))})
+        rows = [[",".join(r["layers"])] + [r.get(c) for c in cols] for r in student.scaling]
+        logger.experiment.log({"scaling/layers": wandb.Table(columns=["layers", *cols], data=rows)}, commit=False)
+    tables = act_tables(student.model) if student.model is not None else {}
     if tables:
         names = list(tables)
         logger.experiment.log({"tpq/delta_x_final": wandb.plot.line_series(

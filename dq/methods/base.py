@@ -1,0 +1,75 @@
+"""What every method gets (a :class:`Job`) and returns (a :class:`Student`), and the steps they share.
+
+A method file reads top to bottom as its recipe, e.g. DilateQuant:
+
+    student, qcfg = job.prepare(shared_tables=False)          # fake-quant copy of the teacher
+    scaling = weight_dilation(student, job.batches())          # WD (dq.models.student)
+    job.calibrate(student, "percentile")                       # per-step activation tables
+    train = job.fit(student, job.distill)                      # block-wise distillation
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from dq.data.calibration import CalibrationSet
+from dq.distill.bkd import DistillConfig
+from dq.models.load import DiffusionModel
+from dq.models.student import calibrate, prepare
+from dq.quant.config import QuantConfig, QuantSpec
+
+log = logging.getLogger("dq")
+
+
+@dataclass
+class Student:
+    """A method's result. ``model`` None: the method evaluates the teacher itself (the FP reference)."""
+
+    model: torch.nn.Module | None
+    qcfg: QuantConfig | None = None
+    train: dict[str, Any] = field(default_factory=lambda: {"steps": 0})
+    scaling: list[dict] = field(default_factory=list)   # per layer group: what WD / SmoothQuant did
+    notes: list[str] = field(default_factory=list)      # defaults a method applied by design (results.json)
+
+
+@dataclass
+class Job:
+    """The run a method works in: the teacher, the bit settings, the distillation protocol, the data.
+
+    ``calibration()`` builds (or reads from the cache) the teacher's calibration trajectories the first
+    time it is called; ``fit(student, dcfg)`` runs block-wise distillation with the run's trainer,
+    logger, checkpoints and callbacks. ``resume``: a checkpoint will restore the student's trained
+    state, so scaling and calibration must be skipped (the checkpoint holds their result).
+    """
+
+    teacher: DiffusionModel
+    quant: QuantSpec
+    distill: DistillConfig
+    timesteps: list[int]
+    calibration: Callable[[], CalibrationSet]
+    fit: Callable[[torch.nn.Module, DistillConfig], dict[str, Any]]
+    act_init_samples: int = 1024
+    resume: bool = False
+    notes: list[str] = field(default_factory=list)  # what was filled in by rule on the way (results.json)
+
+    def quant_config(self, shared_tables: bool) -> QuantConfig:
+        return QuantConfig.from_spec(self.quant, self.timesteps, shared_tables)
+
+    def prepare(self, shared_tables: bool) -> tuple[torch.nn.Module, QuantConfig]:
+        """A fake-quantized, trainable copy of the teacher's denoiser (min–max Δ_w; activation tables not
+        yet set). Every parameter requires grad; a method freezes what it does not train."""
+        qcfg = self.quant_config(shared_tables)
+        return prepare(copy.deepcopy(self.teacher.denoiser), qcfg).requires_grad_(True), qcfg
+
+    def calibrate(self, student: torch.nn.Module, method: str) -> None:
+        """Initialise the activation tables from the first ``act_init_samples`` calibration inputs; what
+        had to be filled in by rule (steps never seen, quantizers never run) goes to ``notes``."""
+        self.notes += calibrate(student, self.batches(), method).notes()
+
+    def batches(self) -> list[tuple]:
+        """The first ``act_init_samples`` calibration inputs as (x_t, raw_t, cond) batches."""
+        return self.calibration().batches(self.act_init_samples)

@@ -1,0 +1,36 @@
+"""DilateQuant (arXiv 2409.14307): Weight Dilation + Temporal Parallel Quantizer + block-wise distillation.
+
+The ablations are switches of this one recipe (conf/method/dilatequant_no_{wd,tpq,bkd}.yaml).
+"""
+from dataclasses import dataclass, field
+
+from dq.errors import choice_error
+from dq.methods import register
+from dq.methods.base import Job, Student
+from dq.models.student import weight_dilation
+from dq.quant.quantizers import CALIBRATION_METHODS
+
+
+@dataclass
+class DilateQuantConfig:
+    name: str = "dilatequant"
+    weight_dilation: bool = True   # false: no scaling (ablation no_wd)
+    shared_tables: bool = False    # true: one activation table for all steps (ablation no_tpq)
+    bkd: bool = True               # false: post-training only (ablation no_bkd)
+    calib_method: str = field(default="percentile", metadata={"choices": CALIBRATION_METHODS})
+
+    def __post_init__(self) -> None:
+        if self.calib_method not in CALIBRATION_METHODS:
+            raise choice_error("method.calib_method", self.calib_method, CALIBRATION_METHODS)
+
+
+@register(DilateQuantConfig)
+def run(job: Job, cfg: DilateQuantConfig) -> Student:
+    student, qcfg = job.prepare(cfg.shared_tables)
+    scaling: list[dict] = []
+    if not job.resume:  # a resumed run's checkpoint already holds the scaled, calibrated student
+        if cfg.weight_dilation:
+            scaling = weight_dilation(student, job.batches())
+        job.calibrate(student, cfg.calib_method)
+    train = job.fit(student, job.distill) if cfg.bkd else {"steps": 0}
+    return Student(student, qcfg, train, scaling)

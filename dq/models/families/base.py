@@ -1,0 +1,61 @@
+"""The interface of a model family: everything dq needs to know about one kind of diffusers denoiser.
+
+A family is one file in this folder that subclasses :class:`ModelFamily` and registers itself for the
+diffusers classes it knows (``dq.models.families.register``). Nothing else in dq names a model class.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dq.models.blocks import Block
+from dq.quant.config import QuantConfig
+from dq.quant.scaling import DilationGroup
+
+
+class ModelFamily:
+    """Override every method; the docstrings are the contract."""
+
+    #: the diffusers classes this family handles
+    classes: tuple[type, ...] = ()
+    #: named random-init architectures: name → (class, constructor kwargs) (``model=tiny_*``, benchmarks)
+    archs: dict[str, tuple[type, dict[str, Any]]] = {}
+
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
+        """ε-prediction [B, C, H, W] for x_t [B, C, H, W] at raw timesteps t ([B] or scalar); ``cond`` is
+        None, a tensor (the family's conditioning input) or a dict of extra keyword arguments."""
+        raise NotImplementedError
+
+    def timestep_of(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | int, int]:
+        """(timestep argument, batch size) of a call ``model(*args, **kwargs)`` (the TPQ hook reads it)."""
+        raise NotImplementedError
+
+    def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) of one sample in the space the model denoises."""
+        raise NotImplementedError
+
+    def cond_dim(self, model: nn.Module) -> int | None:
+        """Width of the conditioning embeddings the model reads (None: unconditional)."""
+        raise NotImplementedError
+
+    def layer_bits(self, name: str, layer: nn.Module, qcfg: QuantConfig) -> tuple[int, int | None] | None:
+        """(w_bits, a_bits) of a Conv2d / Linear, or None to keep it in float."""
+        raise NotImplementedError
+
+    def quantize_attention(self, model: nn.Module, qcfg: QuantConfig) -> None:
+        """Install the attention processors that quantize q, k, v and the probabilities (in place)."""
+        raise NotImplementedError
+
+    def dilation_groups(self, model: nn.Module) -> list[DilationGroup]:
+        """Quantized layers grouped by the input they read, with the producer that can absorb 1/s."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module, granularity: str = "block") -> list[Block]:
+        """The model's distillation units in network order (granularity: block | module | model)."""
+        raise NotImplementedError
+
+    def initial_state(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> Any:
+        """The state the first block takes (x_t, raw timesteps [B], conditioning)."""
+        raise NotImplementedError

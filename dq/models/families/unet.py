@@ -1,0 +1,296 @@
+"""The UNet family: diffusers ``UNet2DModel`` (pixel DDPMs) and ``UNet2DConditionModel`` (text-conditional
+latent UNets). Everything dq knows about these two classes is in this file.
+
+Blocks follow the model's own structure (no patched model code): ``stem`` (time embedding + conv_in),
+``down.{i}``, ``mid``, ``up.{i}``, ``head`` (norm_out, act, conv_out). A block's outputs are what
+distillation compares: the stem's feature map and time embedding, a down block's hidden state and
+every residual it pushes for the skip connections, the hidden state of mid / up blocks, and the
+network output of the head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+from dq.errors import DQError
+from dq.models.attention import install_quant_attention
+from dq.models.blocks import Block, check_granularity, whole_model
+from dq.models.families import register
+from dq.models.families.base import ModelFamily
+from dq.quant.config import QuantConfig
+from dq.quant.scaling import DilationGroup
+
+FIRST_LAST = ("conv_in", "conv_out")
+EMBEDDINGS = ("time_embedding", "class_embedding", "add_embedding")
+
+# The embedded teacher (1.1M parameters, resolutions 16/8/4, attention at 8×8), google/ddpm-cifar10-32's
+# architecture (35.7M) for benchmarks, and tiny ones for tests (thousands of parameters).
+DIGITS = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
+              down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=16)
+DDPM_CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                    layers_per_block=2,
+                    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32,
+                    norm_eps=1e-6, attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
+ARCHS: dict[str, tuple[type, dict[str, Any]]] = {
+    "digits": (UNet2DModel, DIGITS),
+    "ddpm_cifar10": (UNet2DModel, DDPM_CIFAR10),
+    "unet2d": (UNet2DModel, dict(
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)),
+    "unet2d_cond": (UNet2DConditionModel, dict(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=8)),
+}
+
+
+@dataclass
+class UNetState:
+    """What flows between blocks. ``res`` is the stack of skip tensors the down blocks pushed."""
+
+    sample: torch.Tensor                       # [B, C, H, W] hidden state (x_t before the stem)
+    timestep: torch.Tensor                     # [B] raw timesteps
+    emb: torch.Tensor | None = None            # [B, D] time embedding, set by the stem
+    res: tuple[torch.Tensor, ...] = ()         # skip tensors, pushed by stem/down, popped by up
+    encoder_hidden_states: torch.Tensor | None = None  # [B, L, D] for conditional UNets
+    new: tuple[torch.Tensor, ...] = field(default=())   # this block's outputs for the loss
+
+    def detach(self) -> "UNetState":
+        """A gradient-free copy whose tensors are contiguous. Contiguity is not cosmetic: attention blocks
+        emit channels-last strided maps, and torch 2.13 on CPU segfaults in the backward of a
+        GroupNorm→SiLU→Conv2d resnet fed such a map as a non-grad leaf (tests/test_blocks.py)."""
+        d = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731
+        return replace(self, sample=d(self.sample), emb=d(self.emb), res=tuple(d(r) for r in self.res),
+                       new=tuple(d(n) for n in self.new), encoder_hidden_states=d(self.encoder_hidden_states))
+
+
+def _skipped(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _affine_norm(m: nn.Module | None) -> bool:
+    return isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None
+
+
+class UNetFamily(ModelFamily):
+    classes = (UNet2DModel, UNet2DConditionModel)
+    archs = ARCHS
+
+    # ------------------------------------------------------------------ calling the model
+    def forward(self, model, x, t, cond=None):
+        if cond is None:
+            return model(x, t).sample
+        if isinstance(cond, dict):
+            return model(x, t, **cond).sample
+        if isinstance(model, UNet2DConditionModel):
+            return model(x, t, encoder_hidden_states=cond).sample
+        return model(x, t, class_labels=cond).sample
+
+    def timestep_of(self, args, kwargs):
+        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        return (kwargs["timestep"] if "timestep" in kwargs else args[1]), sample.shape[0]
+
+    def sample_shape(self, model):
+        c = model.config
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        return (c.in_channels, size, size)
+
+    def cond_dim(self, model):
+        return model.config.cross_attention_dim if isinstance(model, UNet2DConditionModel) else None
+
+    def initial_state(self, x, t, cond=None):
+        return UNetState(sample=x, timestep=t, encoder_hidden_states=cond)
+
+    # ------------------------------------------------------------------ quantization
+    def layer_bits(self, name, layer, qcfg: QuantConfig):
+        skip = qcfg.skip + (() if qcfg.quantize_time_embedding else EMBEDDINGS)
+        if _skipped(name, skip):
+            return None
+        if name in FIRST_LAST and qcfg.first_last_bits is not None:
+            return qcfg.first_last_bits, None if qcfg.a_bits is None else qcfg.first_last_bits
+        return qcfg.w_bits, qcfg.a_bits
+
+    def quantize_attention(self, model, qcfg: QuantConfig) -> None:
+        if not qcfg.quantize_attention or qcfg.a_bits is None:
+            return
+        for name, attn in model.named_modules():
+            if isinstance(attn, Attention) and not _skipped(name, qcfg.skip):
+                install_quant_attention(name, attn, qcfg.a_bits, qcfg.prob_bits, qcfg.num_steps)
+
+    def dilation_groups(self, model) -> list[DilationGroup]:
+        """Self-attention to_q/k/v share the hidden states (producer: Attention.group_norm, or norm1/norm2
+        of a plain BasicTransformerBlock); in cross-attention to_k/to_v share encoder_hidden_states;
+        norm3 → ff.net[0].proj; Transformer2DModel norm → proj_in. A producer is kept only when every
+        consumer of its output is in the group. Every other layer is its own group."""
+        from dq.quant.layers import iter_quant_layers
+
+        layers = [n for n, m in iter_quant_layers(model) if m.act_quant is not None]
+        groups: list[DilationGroup] = []
+        claimed: set[str] = set()
+
+        def add(names: list[str], producer: str | None) -> None:
+            present = [n for n in names if n in layers and n not in claimed]
+            if present:
+                claimed.update(present)
+                groups.append(DilationGroup(tuple(present), producer if len(present) == len(names) else None))
+
+        def attention(p: str, attn: Attention, producer: str | None) -> None:
+            if attn.spatial_norm is not None:
+                producer = None
+            elif attn.group_norm is not None:
+                producer = f"{p}group_norm" if _affine_norm(attn.group_norm) else None
+            if attn.is_cross_attention:
+                add([f"{p}to_q"], producer)
+                add([f"{p}to_k", f"{p}to_v"], None)
+            else:
+                add([f"{p}to_q", f"{p}to_k", f"{p}to_v"], producer)
+
+        for name, m in model.named_modules():
+            p = f"{name}." if name else ""
+            if isinstance(m, BasicTransformerBlock):
+                plain = m.norm_type == "layer_norm" and m.pos_embed is None
+                norm = lambda n: f"{p}{n}" if plain and _affine_norm(getattr(m, n)) else None  # noqa: E731
+                attention(f"{p}attn1.", m.attn1, norm("norm1"))
+                if m.attn2 is not None:
+                    attention(f"{p}attn2.", m.attn2, norm("norm2"))
+                if hasattr(m.ff.net[0], "proj"):
+                    add([f"{p}ff.net.0.proj"], norm("norm3"))
+            elif isinstance(m, Attention):
+                attention(p, m, None)  # not inside a transformer block (UNet2DModel)
+            elif isinstance(m, Transformer2DModel) and m.is_input_continuous:
+                add([f"{p}proj_in"], f"{p}norm" if isinstance(m.norm, nn.GroupNorm) and m.norm.affine else None)
+        groups += [DilationGroup((n,), None) for n in layers if n not in claimed]
+        return groups
+
+    # ------------------------------------------------------------------ blocks
+    def blocks(self, model, granularity: str = "block") -> list[Block]:
+        check_granularity(granularity)
+        unet, cond = model, isinstance(model, UNet2DConditionModel)
+        if any(hasattr(b, "skip_conv") for b in [*unet.down_blocks, *unet.up_blocks]):
+            raise DQError("UNets with skip-sample blocks (SkipDownBlock2D / AttnSkip*) are not supported")
+        c = unet.config
+        if cond and (c.addition_embed_type or c.class_embed_type or c.encoder_hid_dim_type):
+            raise DQError("UNet2DConditionModel with class/addition embeddings or encoder_hid_proj is not supported yet")
+        if not cond and unet.class_embedding is not None:
+            raise DQError("class-conditional UNet2DModel is not supported yet")
+        if granularity == "model":
+            return whole_model(unet, self.blocks(unet, "block"))
+
+        def stem(s: UNetState) -> UNetState:
+            t = s.timestep.to(s.sample.device) * torch.ones(s.sample.shape[0], dtype=s.timestep.dtype,
+                                                            device=s.sample.device)
+            emb = unet.time_embedding(unet.time_proj(t).to(dtype=s.sample.dtype))
+            if cond and unet.time_embed_act is not None:
+                emb = unet.time_embed_act(emb)
+            h = unet.conv_in(s.sample)
+            return replace(s, sample=h, emb=emb, res=(h,), new=(h, emb))
+
+        def head(s: UNetState) -> UNetState:
+            h = s.sample
+            if unet.conv_norm_out is not None:
+                h = unet.conv_act(unet.conv_norm_out(h))
+            h = unet.conv_out(h)
+            if not cond and c.time_embedding_type == "fourier":
+                h = h / s.timestep.to(h.device).reshape(-1, *([1] * (h.dim() - 1)))
+            return replace(s, sample=h, new=(h,))
+
+        stem_modules = [unet.time_proj, unet.time_embedding, unet.conv_in]
+        if cond and unet.time_embed_act is not None:
+            stem_modules.append(unet.time_embed_act)
+        head_modules = [m for m in (unet.conv_norm_out, unet.conv_act, unet.conv_out) if m is not None]
+        middle = _module_units(unet) if granularity == "module" else _block_units(unet)
+        return [Block("stem", stem_modules, stem), *middle, Block("head", head_modules, head)]
+
+
+def _cross_kwargs(block: nn.Module, s: UNetState) -> dict[str, Any]:
+    return {"encoder_hidden_states": s.encoder_hidden_states} if getattr(block, "has_cross_attention", False) else {}
+
+
+def _block_units(unet: nn.Module) -> list[Block]:
+    units = []
+    for i, down in enumerate(unet.down_blocks):
+        def f(s: UNetState, down=down) -> UNetState:
+            h, res = down(hidden_states=s.sample, temb=s.emb, **_cross_kwargs(down, s))
+            return replace(s, sample=h, res=s.res + tuple(res), new=(h, *res))
+        units.append(Block(f"down.{i}", [down], f))
+    if unet.mid_block is not None:
+        mid = unet.mid_block
+
+        def fm(s: UNetState) -> UNetState:
+            h = mid(s.sample, s.emb, **_cross_kwargs(mid, s))
+            return replace(s, sample=h, new=(h,))
+        units.append(Block("mid", [mid], fm))
+    for i, up in enumerate(unet.up_blocks):
+        def fu(s: UNetState, up=up) -> UNetState:
+            n = len(up.resnets)
+            h = up(hidden_states=s.sample, temb=s.emb, res_hidden_states_tuple=s.res[-n:], **_cross_kwargs(up, s))
+            return replace(s, sample=h, res=s.res[:-n], new=(h,))
+        units.append(Block(f"up.{i}", [up], fu))
+    return units
+
+
+def _module_units(unet: nn.Module) -> list[Block]:
+    """Down / mid / up blocks split into ResNets, attentions and resamplers, replaying each block's
+    own control flow (tested equal to the block forward)."""
+    def resnet(name: str, m: nn.Module, push: bool, pop: bool) -> Block:
+        def f(s: UNetState) -> UNetState:
+            h, res = s.sample, s.res
+            if pop:  # up blocks concatenate the matching skip tensor first
+                h, res = torch.cat([h, res[-1]], dim=1), res[:-1]
+            h = m(h, s.emb)
+            return replace(s, sample=h, res=res + ((h,) if push else ()), new=(h,))
+        return Block(name, [m], f)
+
+    def attention(name: str, m: nn.Module, push: bool) -> Block:
+        def f(s: UNetState) -> UNetState:
+            if isinstance(m, Transformer2DModel):  # cross-attention blocks; returns a tuple
+                h = m(s.sample, encoder_hidden_states=s.encoder_hidden_states, return_dict=False)[0]
+            else:  # a plain Attention gets the time embedding (used only by spatial norms)
+                h = m(s.sample, temb=s.emb)
+            return replace(s, sample=h, res=s.res + ((h,) if push else ()), new=(h,))
+        return Block(name, [m], f)
+
+    def resample(name: str, block: nn.Module, m: nn.Module, push: bool) -> Block:
+        takes_temb = getattr(block, "downsample_type", getattr(block, "upsample_type", None)) == "resnet"
+
+        def f(s: UNetState) -> UNetState:
+            h = m(s.sample, temb=s.emb) if takes_temb else m(s.sample)
+            return replace(s, sample=h, res=s.res + ((h,) if push else ()), new=(h,))
+        return Block(name, [m], f)
+
+    units: list[Block] = []
+    for i, down in enumerate(unet.down_blocks):
+        attns = list(getattr(down, "attentions", None) or [])
+        for j, r in enumerate(down.resnets):
+            units.append(resnet(f"down.{i}.resnets.{j}", r, push=not attns, pop=False))
+            if attns:
+                units.append(attention(f"down.{i}.attentions.{j}", attns[j], push=True))
+        units += [resample(f"down.{i}.downsamplers.{j}", down, d, True) for j, d in enumerate(down.downsamplers or [])]
+    if unet.mid_block is not None:
+        mid = unet.mid_block
+        units.append(resnet("mid.resnets.0", mid.resnets[0], push=False, pop=False))
+        for j, (a, r) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+            if a is not None:
+                units.append(attention(f"mid.attentions.{j}", a, push=False))
+            units.append(resnet(f"mid.resnets.{j + 1}", r, push=False, pop=False))
+    for i, up in enumerate(unet.up_blocks):
+        attns = list(getattr(up, "attentions", None) or [])
+        for j, r in enumerate(up.resnets):
+            units.append(resnet(f"up.{i}.resnets.{j}", r, push=False, pop=True))
+            if attns:
+                units.append(attention(f"up.{i}.attentions.{j}", attns[j], push=False))
+        units += [resample(f"up.{i}.upsamplers.{j}", up, u, False) for j, u in enumerate(up.upsamplers or [])]
+    return units
+
+
+register(UNetFamily())

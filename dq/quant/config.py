@@ -1,0 +1,93 @@
+"""What to quantize and how: the user-facing bit settings (``QuantSpec``, the ``quant`` config group)
+and the runtime ``QuantConfig`` (the spec plus the sampler's timesteps and the table mode)."""
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+from dq.quant.fake_quant import check_bits
+
+BITS = "the integers 2..8"
+
+
+@dataclass
+class QuantSpec:
+    """The ``quant`` config group (conf/quant/*.yaml). Validated on construction.
+
+    Attributes:
+        w_bits: weight bits (per output channel).
+        a_bits: activation bits (per tensor, per step), or None for weight-only quantization.
+        prob_bits: attention probabilities (softmax output); None leaves them in float.
+        first_last_bits: the family's first and last layers (weights and input); None = same as the rest.
+        quantize_attention: quantize q, k, v and the probabilities of every attention.
+        quantize_time_embedding: quantize the timestep / class embedding MLPs.
+        skip: qualified module-name prefixes left in float, e.g. ["mid_block"].
+    """
+
+    name: str = "w4a4"
+    w_bits: int = field(default=4, metadata={"choices": BITS})
+    a_bits: Optional[int] = field(default=4, metadata={"choices": BITS + " or null"})
+    prob_bits: Optional[int] = field(default=8, metadata={"choices": BITS + " or null"})
+    first_last_bits: Optional[int] = field(default=8, metadata={"choices": BITS + " or null"})
+    quantize_attention: bool = True
+    quantize_time_embedding: bool = True
+    skip: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "quant.w_bits")
+        for name in ("a_bits", "prob_bits", "first_last_bits"):
+            v = getattr(self, name)
+            if v is not None:
+                check_bits(v, f"quant.{name}")
+
+    @property
+    def label(self) -> str:
+        return f"W{self.w_bits}A{self.a_bits if self.a_bits is not None else 'FP'}"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Runtime quantization settings of one student.
+
+    Attributes:
+        w_bits, a_bits, prob_bits, first_last_bits, quantize_attention, quantize_time_embedding, skip:
+            as in :class:`QuantSpec`.
+        timesteps: raw timesteps of the sampler schedule, one table row each (T = len); unique.
+        shared_tables: one table shared by all steps (T = 1); ``timesteps`` may then be empty, and
+            calls are not checked against them.
+    """
+
+    w_bits: int = 4
+    a_bits: int | None = 4
+    timesteps: tuple[int, ...] = ()
+    shared_tables: bool = False
+    prob_bits: int | None = 8
+    first_last_bits: int | None = 8
+    quantize_attention: bool = True
+    skip: tuple[str, ...] = ()
+    quantize_time_embedding: bool = True
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        for name in ("a_bits", "prob_bits", "first_last_bits"):
+            v = getattr(self, name)
+            if v is not None:
+                check_bits(v, name)
+        try:
+            ts = tuple(int(t) for t in self.timesteps)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"timesteps={self.timesteps!r} must be a sequence of integers") from e
+        if not ts and not self.shared_tables:
+            raise ValueError("timesteps is empty; give the sampler's raw timesteps, or set shared_tables=True")
+        if len(set(ts)) != len(ts):
+            raise ValueError(f"timesteps contain duplicates: {sorted({t for t in ts if ts.count(t) > 1})}")
+        object.__setattr__(self, "timesteps", ts)
+        object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
+
+    @classmethod
+    def from_spec(cls, spec: QuantSpec, timesteps: tuple[int, ...] | list[int], shared_tables: bool) -> "QuantConfig":
+        fields = {k: v for k, v in asdict(spec).items() if k != "name"}
+        return cls(**{**fields, "skip": tuple(spec.skip)}, timesteps=tuple(timesteps), shared_tables=shared_tables)
+
+    @property
+    def num_steps(self) -> int:
+        return 1 if self.shared_tables else len(self.timesteps)
