@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from dq.distill.callbacks import PeriodicCheckpoint
 
 from conftest import ROOT
 from dq.config import typed
@@ -49,10 +49,10 @@ def fit(student, teacher, calib, cfg, max_steps=None, ckpt_dir=None, ckpt_path=N
     dm = CalibrationDataModule(calib, 8, module.total_steps, seed=0)
     cbs = list(callbacks)
     if ckpt_dir is not None:
-        cbs.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=1))
+        cbs.append(PeriodicCheckpoint(ckpt_dir, every=1))
     trainer = L.Trainer(max_steps=max_steps or module.total_steps, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=cbs,
-                        enable_checkpointing=ckpt_dir is not None, use_distributed_sampler=False)
+                        enable_checkpointing=False, use_distributed_sampler=False)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module
 

@@ -117,7 +117,7 @@ class BlockDistiller(L.LightningModule):
         self.ranks_identical: bool | None = None
         self.cache = None if inputs is None else PrefixCache(
             inputs, self.family.initial_state, student, self.student_blocks, self.teacher_blocks,
-            with_student=cfg.input == "student", budget_mb=cfg.cache_mb)
+            teacher_input=cfg.input == "teacher", budget_mb=cfg.cache_mb)
 
     # ---------------------------------------------------------------- curriculum (pure in global_step)
     @property
@@ -160,9 +160,9 @@ class BlockDistiller(L.LightningModule):
         rows = rows_of(self.student, batch["t"])
         cached = None if self.cache is None or k == 0 else self.cache.inputs_of(k, batch["idx"], batch["x"].device)
         with torch.no_grad():
-            if cached is not None:  # both prefixes from the cache: one teacher block per step
-                target = self.teacher_blocks[k](cached["teacher"]).new
-                inp = cached.get("student", cached["teacher"])
+            if cached is not None:  # prefixes (and targets) from the cache: no teacher work per step
+                inp = cached["input"]
+                target = cached["target"] if cached["target"] is not None else self.teacher_blocks[k](inp).new
             else:
                 target = run_blocks(self.teacher_blocks, state, k).new
                 if k == 0:

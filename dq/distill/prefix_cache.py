@@ -23,62 +23,83 @@ CHUNK = 256
 
 
 class PrefixCache:
+    """Student states after blocks 0..k−1 (the input of block k) and teacher states after blocks 0..k
+    (their ``new`` outputs are block k's targets), for every calibration input. With
+    ``teacher_input`` the student reads the teacher's states instead: teacher states after 0..k−1 are
+    kept and targets are computed per step."""
+
     def __init__(self, inputs: dict[str, torch.Tensor], initial_state: Any, student: torch.nn.Module,
-                 student_blocks: list[Block], teacher_blocks: list[Block], with_student: bool,
+                 student_blocks: list[Block], teacher_blocks: list[Block], teacher_input: bool,
                  budget_mb: float) -> None:
         """inputs: the whole calibration set ({"x", "t"(, "cond")}); initial_state(x, t, cond) → block 0's input."""
         self.inputs, self.initial_state, self.student = inputs, initial_state, student
-        self.blocks = {"teacher": teacher_blocks, **({"student": student_blocks} if with_student else {})}
+        self.blocks = {"teacher": teacher_blocks, **({} if teacher_input else {"student": student_blocks})}
+        self.ahead = {"teacher": 0 if teacher_input else 1, "student": 0}  # states after block k − 1 + ahead
         self.budget = budget_mb * 2**20
         self.enabled = budget_mb > 0
-        self.upto = -1                  # states are the outputs of blocks 0..upto
+        self.upto = {chain: -1 for chain in self.blocks}  # each chain's states are the outputs of blocks 0..upto
         self.states: dict[str, Any] = {}
+        self.reported = False
 
     def _chunks(self) -> list[torch.Tensor]:
         return list(torch.arange(len(self.inputs["t"])).split(CHUNK))
 
     @torch.no_grad()
-    def _advance(self, k: int, device: torch.device) -> None:
-        """Make the states the outputs of blocks 0..k−1 (from scratch when the curriculum went back)."""
-        if self.upto > k - 1:
-            self.upto, self.states = -1, {}
-        while self.upto < k - 1:
-            j = self.upto + 1
-            new: dict[str, Any] = {}
-            for chain, blocks in self.blocks.items():
-                parts = []
-                for idx in self._chunks():
-                    s = self._state(chain, idx, device)
+    def _advance(self, chain: str, upto: int, device: torch.device) -> bool:
+        """Make ``chain``'s states the outputs of blocks 0..upto (from scratch when the curriculum went
+        back); False (and the cache off) when they would not fit the budget."""
+        if self.upto[chain] > upto:
+            self.upto[chain] = -1
+            self.states.pop(chain, None)
+        blocks = self.blocks[chain]
+        while self.upto[chain] < upto:
+            j = self.upto[chain] + 1
+            parts = []
+            for idx in self._chunks():
+                s = self._state(chain, idx, device)
+                if chain == "student":
                     t = self.inputs["t"][idx].to(device)
-                    if chain == "student":
-                        with self.student.dq_step_index.use(rows_of(self.student, t)):
-                            s = blocks[j](s)
-                    else:
+                    with self.student.dq_step_index.use(rows_of(self.student, t)):
                         s = blocks[j](s)
-                    parts.append(s.detach())
-                    if len(parts) == 1 and j == self.upto + 1:
-                        need = state_nbytes(parts[0]) * len(self._chunks()) * len(self.blocks)
-                        if need > self.budget:
-                            log.info("prefix cache off from block %d: it would hold %.0f MB, over "
-                                     "distill.cache_mb=%.0f; prefixes are recomputed every step", j, need / 2**20,
-                                     self.budget / 2**20)
-                            self.enabled, self.states = False, {}
-                            return
-                new[chain] = cat_states(parts)
-            self.states, self.upto = new, j
+                else:
+                    s = blocks[j](s)
+                parts.append(s.detach())
+                if len(parts) == 1 and not self._fits(chain, parts[0], j):
+                    return False
+            self.states[chain], self.upto[chain] = cat_states(parts), j
+        return True
+
+    def _fits(self, chain: str, first: Any, j: int) -> bool:
+        """Both chains' states (estimated from this first chunk), plus the one being built, within budget."""
+        need = state_nbytes(first) * len(self._chunks()) * (len(self.blocks) + 1)
+        if need <= self.budget:
+            return True
+        log.info("prefix cache off from block %d: it would hold %.0f MB, over distill.cache_mb=%.0f; prefixes "
+                 "are recomputed every step", j, need / 2**20, self.budget / 2**20)
+        self.enabled, self.states = False, {}
+        return False
 
     def _state(self, chain: str, idx: torch.Tensor, device: torch.device) -> Any:
-        if self.upto < 0:
+        if self.upto[chain] < 0:
             cond = self.inputs.get("cond")
             return self.initial_state(self.inputs["x"][idx].to(device), self.inputs["t"][idx].to(device),
                                       None if cond is None else cond[idx].to(device))
         return index_state(self.states[chain], idx.to(device))
 
     def inputs_of(self, k: int, idx: torch.Tensor, device: torch.device) -> dict[str, Any] | None:
-        """{"teacher": state, "student": state} at the input of block k for samples ``idx``, or None when off."""
+        """For block k and samples ``idx``: {"input": the student's input state, "target": the teacher's
+        outputs of block k, or None (compute it)}; None when the cache is off."""
         if not self.enabled:
             return None
-        self._advance(k, device)
-        if not self.enabled:
-            return None
-        return {chain: self._state(chain, idx, device) for chain in self.blocks}
+        for chain in self.blocks:
+            if not self._advance(chain, k - 1 + self.ahead[chain], device):
+                return None
+        if not self.reported:
+            total = sum(state_nbytes(s) for s in self.states.values())
+            log.info("prefix cache: block inputs%s of %d calibration samples held in memory (%.0f MB)",
+                     " and targets" if "student" in self.blocks else "", len(self.inputs["t"]), total / 2**20)
+            self.reported = True
+        teacher = self._state("teacher", idx, device)
+        if "student" in self.blocks:
+            return {"input": self._state("student", idx, device), "target": teacher.new}
+        return {"input": teacher, "target": None}

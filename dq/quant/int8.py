@@ -8,8 +8,11 @@ u8 × s8 kernel with exact int32 accumulation:
     y = Δx·Δw[c]·Σ (x_q − zx)·W[c]  + b,    W = w_q − zw  (int8, weight zero point 0)
 
 so the only difference to the fake-quant float layer is where float rounding happens (relative error
-~1e-6, tested ≤ 1e-3). x_q is computed exactly as the fake quantizer does (x · (1/Δx), round half to
-even), so both see the same integers. W does not fit int8 for 8-bit weights (w_q − zw ∈ [−255, 255]):
+~1e-6 per layer call, tested ≤ 1e-3). x_q is computed as the fake quantizer does (x · (1/Δx), round
+half to even), so both see the same integers — up to a value that lands exactly on a rounding boundary
+after a last-bit difference (a Weight-Dilation input scale is folded into the same multiply here). In
+a 4-bit network such a one-level difference propagates, so whole-model outputs agree less closely than
+single layers; quality is compared by FID (scripts/bench_runtime.py). W does not fit int8 for 8-bit weights (w_q − zw ∈ [−255, 255]):
 a per-channel offset o[c] is split off (W − o[c] ∈ [−128, 127]) and o[c]·Σ(x_q − zx) is added back
 exactly. Inference only. The packed weights (MKLDNN tensors) are built on first use, not saved.
 """
@@ -28,10 +31,11 @@ def available() -> bool:
     return hasattr(torch.ops.onednn, "qconv2d_pointwise") and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def quantize_u8(x: Tensor, inv_delta: Tensor, zp: Tensor, bits: int, channels_last: bool = False) -> Tensor:
-    """uint8 clamp(round(x · inv_delta) + zp, 0, 2^b − 1): the fake quantizer's integers (0-dim operands)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    t = torch.mul(x, inv_delta).contiguous(memory_format=fmt)
+def quantize_u8(x: Tensor, inv_delta: Tensor, zp: Tensor, bits: int) -> Tensor:
+    """uint8 clamp(round(x · inv_delta) + zp, 0, 2^b − 1): the fake quantizer's integers. ``inv_delta`` is
+    0-dim (or per channel, with Weight Dilation's input scale folded in); x keeps its layout (the
+    kernel reorders the 4× smaller uint8 tensor itself)."""
+    t = torch.mul(x, inv_delta)
     return t.round_().add_(zp).clamp_(0, qmax_of(bits)).to(torch.uint8)
 
 
@@ -84,11 +88,17 @@ class _Int8Base(nn.Module):
         d = delta[r]
         return float(d), d.reciprocal(), torch.round(self.act.zero_point.detach()[r]).clamp(0, qmax_of(self.act.bits))
 
+    def _scaled_inv(self, inv: Tensor, x: Tensor) -> Tensor:
+        """1/Δx, times Weight Dilation's input scale per channel where it was not folded: one multiply of
+        x instead of two (x·s·(1/Δx) may round differently from (x·s)·(1/Δx) in the last bit, which
+        can move a value exactly on a rounding boundary to the neighbouring level)."""
+        if self.input_scale is None:
+            return inv
+        shape = [1] * x.ndim
+        shape[self._axis] = -1
+        return (self.input_scale * inv).view(shape)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_scale is not None:
-            shape = [1] * x.ndim
-            shape[self._axis] = -1
-            x = x * self.input_scale.view(shape)
         groups = self._groups(x)
         if len(groups) == 1:
             return self._run(x, *groups[0][1:])
@@ -122,7 +132,7 @@ class Int8Conv2d(_Int8Base):
 
     @torch.no_grad()
     def _run(self, x: Tensor, dx: float, inv: Tensor, zp: Tensor) -> Tensor:
-        xq = quantize_u8(x, inv, zp, self.act.bits, channels_last=True)
+        xq = quantize_u8(x, self._scaled_inv(inv, x), zp, self.act.bits)
         z = int(zp)
         y = torch.ops.onednn.qconv2d_pointwise(xq, dx, z, self._weight(z != 0), self.w_scale, self._wzp, self.bias,
                                                self.stride, self.padding, self.dilation, 1, 1.0, 0, torch.float32,
@@ -131,7 +141,7 @@ class Int8Conv2d(_Int8Base):
             s = xq.sum(1, keepdim=True, dtype=torch.int32).sub_(z * xq.shape[1]).float()
             s = F.conv2d(s, self._ones, None, self.stride, self.padding, self.dilation)
             y.addcmul_(s, (dx * self.w_scale.double() * self.offset.double()).float().view(1, -1, 1, 1))
-        return y
+        return y.contiguous()  # oneDNN returns channels-last; GroupNorm and friends are slow on it here
 
 
 class Int8Linear(_Int8Base):
@@ -141,7 +151,7 @@ class Int8Linear(_Int8Base):
     def _run(self, x: Tensor, dx: float, inv: Tensor, zp: Tensor) -> Tensor:
         if not self._packed:
             self._packed[True] = torch.ops.onednn.qlinear_prepack(self.w8, None)
-        xq = quantize_u8(x, inv, zp, self.act.bits)
+        xq = quantize_u8(x, self._scaled_inv(inv, x), zp, self.act.bits)
         z = int(zp)
         y = torch.ops.onednn.qlinear_pointwise(xq, dx, z, self._packed[True], self.w_scale, self._wzp, self.bias,
                                                1.0, 0, torch.float32, "none", [], "")
