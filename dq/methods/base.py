@@ -25,6 +25,16 @@ from dq.quant.config import QuantConfig, QuantSpec
 log = logging.getLogger("dq")
 
 
+def check_calib_method(value: str) -> str:
+    """``method.calib_method`` must name an activation-table rule (minmax | percentile | mse)."""
+    from dq.errors import choice_error
+    from dq.quant.quantizers import CALIBRATION_METHODS
+
+    if value not in CALIBRATION_METHODS:
+        raise choice_error("method.calib_method", value, CALIBRATION_METHODS)
+    return value
+
+
 @dataclass
 class Student:
     """A method's result. ``model`` None: the method evaluates the teacher itself (the FP reference)."""

@@ -4,9 +4,8 @@ The ablations are switches of this one recipe (conf/method/dilatequant_no_{wd,tp
 """
 from dataclasses import dataclass, field
 
-from dq.errors import choice_error
 from dq.methods import register
-from dq.methods.base import Job, Student
+from dq.methods.base import Job, Student, check_calib_method
 from dq.models.student import weight_dilation
 from dq.quant.quantizers import CALIBRATION_METHODS
 
@@ -20,8 +19,7 @@ class DilateQuantConfig:
     calib_method: str = field(default="percentile", metadata={"choices": CALIBRATION_METHODS})
 
     def __post_init__(self) -> None:
-        if self.calib_method not in CALIBRATION_METHODS:
-            raise choice_error("method.calib_method", self.calib_method, CALIBRATION_METHODS)
+        check_calib_method(self.calib_method)
 
 
 @register(DilateQuantConfig)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dq.errors import DQError, choice_error
+from dq.errors import DQError
 from dq.methods import register
-from dq.methods.base import Job, Student
+from dq.methods.base import Job, Student, check_calib_method
 from dq.quant.layers import iter_quant_layers
 from dq.quant.quantizers import CALIBRATION_METHODS
 
@@ -35,8 +35,7 @@ class EfficientDMConfig:
     def __post_init__(self) -> None:
         if self.rank < 1 or self.steps < 1:
             raise DQError(f"method.rank={self.rank} and method.steps={self.steps} must be >= 1")
-        if self.calib_method not in CALIBRATION_METHODS:
-            raise choice_error("method.calib_method", self.calib_method, CALIBRATION_METHODS)
+        check_calib_method(self.calib_method)
 
 
 class LoRA(nn.Module):

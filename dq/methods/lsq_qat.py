@@ -5,9 +5,9 @@ Its default budget is the BKD total on the 9-block digits UNet (9 × 400 steps).
 import dataclasses
 from dataclasses import dataclass, field
 
-from dq.errors import DQError, choice_error
+from dq.errors import DQError
 from dq.methods import register
-from dq.methods.base import Job, Student
+from dq.methods.base import Job, Student, check_calib_method
 from dq.quant.quantizers import CALIBRATION_METHODS
 
 
@@ -21,8 +21,7 @@ class LSQQATConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise DQError(f"method.steps={self.steps} must be >= 1")
-        if self.calib_method not in CALIBRATION_METHODS:
-            raise choice_error("method.calib_method", self.calib_method, CALIBRATION_METHODS)
+        check_calib_method(self.calib_method)
 
 
 @register(LSQQATConfig)

@@ -5,7 +5,7 @@
 from dataclasses import dataclass, field
 
 from dq.methods import register
-from dq.methods.base import Job, Student
+from dq.methods.base import Job, Student, check_calib_method
 from dq.quant.quantizers import CALIBRATION_METHODS
 
 
@@ -16,9 +16,7 @@ class PTQConfig:
     calib_method: str = field(default="minmax", metadata={"choices": CALIBRATION_METHODS})
 
     def __post_init__(self) -> None:
-        from dq.errors import choice_error
-        if self.calib_method not in CALIBRATION_METHODS:
-            raise choice_error("method.calib_method", self.calib_method, CALIBRATION_METHODS)
+        check_calib_method(self.calib_method)
 
 
 @register(PTQConfig)

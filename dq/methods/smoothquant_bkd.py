@@ -2,9 +2,9 @@
 the baseline that isolates what WD's "keep every weight range" buys over SmoothQuant's balancing."""
 from dataclasses import dataclass, field
 
-from dq.errors import DQError, choice_error
+from dq.errors import DQError
 from dq.methods import register
-from dq.methods.base import Job, Student
+from dq.methods.base import Job, Student, check_calib_method
 from dq.models.student import smoothquant
 from dq.quant.quantizers import CALIBRATION_METHODS
 
@@ -19,8 +19,7 @@ class SmoothQuantBKDConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise DQError(f"method.alpha={self.alpha} must be in [0, 1]")
-        if self.calib_method not in CALIBRATION_METHODS:
-            raise choice_error("method.calib_method", self.calib_method, CALIBRATION_METHODS)
+        check_calib_method(self.calib_method)
 
 
 @register(SmoothQuantBKDConfig)
