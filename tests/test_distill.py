@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -150,7 +149,7 @@ def test_teacher_is_not_in_the_checkpoint_and_student_reloads(tmp_path):
     teacher, calib, qcfg, student = tiny_setup(tmp_path)
     module = fit(student, teacher, calib, DistillConfig(steps_per_block=1, blocks=["down.1", "up.1"]),
                  ckpt_dir=tmp_path / "ck")
-    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     assert all(k.startswith("student.") for k in ckpt["state_dict"])
     assert not any(p.requires_grad for p in module.teacher.parameters())
     student.eval()

@@ -25,14 +25,14 @@ def setup(tmp_path_factory):
     return teacher, tuple(sampler_timesteps(teacher, sampler)), init, held
 
 
-def rel_mse(setup, bits, scaling, weights_only=False):
+def rel_mse(setup, bits, scaling, w_only: bool = False):
     teacher, timesteps, init, (x, t) = setup
     qcfg = QuantConfig(w_bits=bits[0], a_bits=bits[1], timesteps=timesteps)
     student = prepare(copy.deepcopy(teacher.denoiser), qcfg)
     if scaling == "wd":
         weight_dilation(student)
     calibrate(student, init, "minmax")
-    if weights_only:
+    if w_only:
         set_quant_state(student, weight=True, act=False)
     with torch.no_grad():
         ref = teacher.denoiser(x, t).sample
@@ -50,6 +50,6 @@ def test_w8a8_close_and_w4a4_clearly_worse(setup):
 
 @pytest.mark.e2e
 def test_weight_dilation_shrinks_weight_quantization_error(setup):
-    plain = rel_mse(setup, (4, 4), None, weights_only=True)
-    dilated = rel_mse(setup, (4, 4), "wd", weights_only=True)
+    plain = rel_mse(setup, (4, 4), None, w_only=True)
+    dilated = rel_mse(setup, (4, 4), "wd", w_only=True)
     assert dilated < plain, (dilated, plain)
