@@ -18,9 +18,12 @@ PROMPT_TOKENS = 8
 
 def cond_fn_for(teacher: DiffusionModel, seed: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
     """``indices -> (cond, uncond)`` for a conditional teacher, None for an unconditional one."""
-    dim = teacher.family.cond_dim(teacher.denoiser)
-    if dim is None:
+    spec = teacher.conditioning
+    if spec is None:
         return None
+    if spec.kind != "text":
+        raise NotImplementedError(f"{spec.kind}-conditional teachers are not wired into calibration/sampling yet")
+    dim = spec.dim
 
     def fn(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cond = torch.stack([torch.randn(PROMPT_TOKENS, dim, generator=torch.Generator().manual_seed(

@@ -57,8 +57,13 @@ class DiffusionModel:
         return family_of(self.denoiser)
 
     @property
+    def conditioning(self) -> Any:
+        """The family's ``Conditioning`` of the denoiser, None when unconditional."""
+        return self.family.conditioning(self.denoiser)
+
+    @property
     def conditional(self) -> bool:
-        return self.family.cond_dim(self.denoiser) is not None
+        return self.conditioning is not None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

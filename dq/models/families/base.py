@@ -5,6 +5,7 @@ diffusers classes it knows (``dq.models.families.register``). Nothing else in dq
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +14,25 @@ from torch import nn
 from dq.models.blocks import Block
 from dq.quant.config import QuantConfig
 from dq.quant.scaling import DilationGroup
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a denoiser is conditioned on (``ModelFamily.conditioning``).
+
+    kind "text": encoder hidden states [B, L, dim] (from the pipeline's text encoder, or a stand-in);
+    kind "class": integer class labels [B] in 0..num_classes-1; ``null_class`` is the label the model
+    was trained to read as "no class" (classifier-free guidance), None when it has none.
+    """
+
+    kind: str
+    dim: int | None = None
+    num_classes: int | None = None
+    null_class: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("text", "class"):
+            raise ValueError(f"Conditioning.kind={self.kind!r}; valid: text, class")
 
 
 class ModelFamily:
@@ -36,8 +56,8 @@ class ModelFamily:
         """(C, H, W) of one sample in the space the model denoises."""
         raise NotImplementedError
 
-    def cond_dim(self, model: nn.Module) -> int | None:
-        """Width of the conditioning embeddings the model reads (None: unconditional)."""
+    def conditioning(self, model: nn.Module) -> Conditioning | None:
+        """What the model is conditioned on (None: unconditional)."""
         raise NotImplementedError
 
     def layer_bits(self, name: str, layer: nn.Module, qcfg: QuantConfig) -> tuple[int, int | None] | None:

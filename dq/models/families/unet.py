@@ -23,7 +23,7 @@ from dq.errors import DQError
 from dq.models.attention import install_quant_attention
 from dq.models.blocks import Block, check_granularity, whole_model
 from dq.models.families import register
-from dq.models.families.base import ModelFamily
+from dq.models.families.base import Conditioning, ModelFamily
 from dq.quant.config import QuantConfig
 from dq.quant.scaling import DilationGroup
 
@@ -105,8 +105,12 @@ class UNetFamily(ModelFamily):
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         return (c.in_channels, size, size)
 
-    def cond_dim(self, model):
-        return model.config.cross_attention_dim if isinstance(model, UNet2DConditionModel) else None
+    def conditioning(self, model):
+        if isinstance(model, UNet2DConditionModel):
+            return Conditioning("text", dim=model.config.cross_attention_dim)
+        if model.class_embedding is not None and model.config.num_class_embeds is not None:
+            return Conditioning("class", num_classes=model.config.num_class_embeds)
+        return None
 
     def initial_state(self, x, t, cond=None):
         return UNetState(sample=x, timestep=t, encoder_hidden_states=cond)
