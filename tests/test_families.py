@@ -21,7 +21,8 @@ def test_each_supported_class_is_named_in_exactly_one_module():
 
 
 def test_unsupported_class_error_lists_the_supported_ones():
-    with pytest.raises(DQError, match="'Linear' is not supported; supported classes: UNet2DConditionModel, UNet2DModel"):
+    with pytest.raises(DQError, match="'Linear' is not supported; supported classes: DiTTransformer2DModel, "
+                                 "PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel"):
         family_of(torch.nn.Linear(2, 2))
     with pytest.raises(DQError, match="supported classes"):
         model_class("FluxTransformer2DModel")
@@ -51,7 +52,7 @@ def test_folder_without_scheduler_is_a_one_line_error(tmp_path):
         load_model(ModelConfig(source="local", path=str(tmp_path)))
 
 
-@pytest.mark.parametrize("arch", ["unet2d", "unet2d_cond"])
+@pytest.mark.parametrize("arch", ["unet2d", "unet2d_cond", "dit_tiny", "pixart_tiny"])
 def test_unprepare_removes_exactly_its_own_hooks(arch):
     model = build_arch(arch).denoiser
     marker = model.register_forward_pre_hook(lambda m, a: None)  # a user's hook must survive

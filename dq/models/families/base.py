@@ -72,6 +72,10 @@ class ModelFamily:
         """Quantized layers grouped by the input they read, with the producer that can absorb 1/s."""
         raise NotImplementedError
 
+    def fold_scales(self, model: nn.Module, report: list[dict] | None = None) -> None:
+        """After WD / SmoothQuant: fold input_scales that no DilationGroup producer could take (e.g. into
+        adaLN modulation rows), exactly, updating the report rows' ``folded_into``. Default: nothing."""
+
     def blocks(self, model: nn.Module, granularity: str = "block") -> list[Block]:
         """The model's distillation units in network order (granularity: block | module | model)."""
         raise NotImplementedError
