@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dq.console import progress
 from dq.errors import DQError
-from dq.models.conditioning import cond_fn_for
+from dq.models.conditioning import check_guidance, cond_fn_for, conditioning_key
 from dq.models.load import DiffusionModel
 from dq.models.sampling import SamplerConfig, denoise, initial_noise, make_sampler
 
@@ -52,12 +52,13 @@ class CalibConfig:
 class CalibrationSet:
     """N recorded model inputs. ``cond`` is None for unconditional teachers."""
 
-    x: torch.Tensor            # [N, C, H, W] x_t
+    x: torch.Tensor            # [N, C, H, W] x_t (latents for a latent model)
     t: torch.Tensor            # [N] raw timesteps
     row: torch.Tensor          # [N] step index (row of the TPQ tables)
-    cond: torch.Tensor | None  # [N, L, D] encoder hidden states
+    cond: torch.Tensor | None  # [N, L, D] encoder hidden states or [N] class labels (the cond or uncond half)
     timesteps: list[int]       # the sampler's raw timesteps; row i ↔ timesteps[i]
     key: dict[str, Any]
+    image: torch.Tensor | None = None  # [N] the trajectory (image index) each input comes from
 
     def __len__(self) -> int:
         return len(self.x)
@@ -69,17 +70,19 @@ class CalibrationSet:
             b["cond"] = self.cond[idx]
         return b
 
-    def batches(self, n: int, batch_size: int = 256) -> list[tuple]:
-        """The first ``n`` inputs as (x_t, raw_t, cond) tuples, for calibration and scaling passes."""
+    def batches(self, n: int, batch_size: int = 256, device: torch.device | str | None = None) -> list[tuple]:
+        """The first ``n`` inputs as (x_t, raw_t, cond) tuples on ``device``, for calibration and scaling passes."""
         idx = torch.arange(min(n, len(self)))
-        return [(self.x[i], self.t[i], None if self.cond is None else self.cond[i]) for i in idx.split(batch_size)]
+        on = (lambda v: v) if device is None else (lambda v: v.to(device))  # noqa: E731
+        return [(on(self.x[i]), on(self.t[i]), None if self.cond is None else on(self.cond[i]))
+                for i in idx.split(batch_size)]
 
 
 def teacher_fingerprint(teacher: DiffusionModel) -> str:
     """A cheap hash of the teacher's weights (a strided sample of every tensor + shapes)."""
     h = hashlib.sha256()
     for name, p in teacher.denoiser.state_dict().items():
-        flat = p.detach().flatten().float()
+        flat = p.detach().flatten().float().cpu()
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(flat[:: max(1, flat.numel() // 64)].numpy().tobytes())
@@ -87,15 +90,21 @@ def teacher_fingerprint(teacher: DiffusionModel) -> str:
 
 
 def calibration_key(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: CalibConfig) -> dict[str, Any]:
+    """Everything that determines the set; a conditional teacher adds what it is conditioned on."""
     return {"teacher": teacher_fingerprint(teacher), "sampler": sampler_cfg.name, "steps": int(sampler_cfg.steps),
             "eta": float(sampler_cfg.eta), "n_samples": int(calib_cfg.n_samples),
             "n_trajectories": int(calib_cfg.n_trajectories), "guidance_scale": float(calib_cfg.guidance_scale),
-            "seed": int(calib_cfg.seed)}
+            "seed": int(calib_cfg.seed), **conditioning_key(teacher)}
 
 
 @torch.no_grad()
 def generate(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: CalibConfig) -> CalibrationSet:
-    """Run ``n_trajectories`` teacher trajectories and draw ``n_samples`` stratified (trajectory, step) inputs."""
+    """Run ``n_trajectories`` teacher trajectories and draw ``n_samples`` stratified (trajectory, step) inputs.
+
+    Runs on the teacher's device and dtype; the recorded inputs are kept on the CPU. With classifier-free
+    guidance each recorded input keeps its own image's conditioning: the cond or the uncond half,
+    drawn at random, so the student is distilled on both halves the sampler runs."""
+    check_guidance(teacher, float(calib_cfg.guidance_scale), "calib.guidance_scale")
     key = calibration_key(teacher, sampler_cfg, calib_cfg)
     timesteps = [int(t) for t in make_sampler(teacher, sampler_cfg).timesteps]
     steps, n, n_traj = len(timesteps), key["n_samples"], key["n_trajectories"]
@@ -107,24 +116,29 @@ def generate(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: Cal
     # which trajectories each step keeps: [steps, per_step]
     picks = torch.stack([torch.randperm(n_traj, generator=g)[:per_step] for _ in range(steps)])
     cond_fn = cond_fn_for(teacher, key["seed"])
-    xs, ts, rows, conds = [], [], [], []
+    xs, ts, rows, conds, images = [], [], [], [], []
+    param = next(teacher.denoiser.parameters())
     bs = int(calib_cfg.batch_size)
     bar = progress(total=n_traj * steps, desc="calibration trajectories", unit="step", leave=False)
     for start in range(0, n_traj, bs):
         idx = torch.arange(start, min(start + bs, n_traj))
-        x = initial_noise(idx, teacher.sample_shape, key["seed"] + 1)
+        x = initial_noise(idx, teacher.sample_shape, key["seed"] + 1).to(param.device, param.dtype)
         cond, uncond = cond_fn(idx) if cond_fn is not None else (None, None)
 
         def record(step: int, raw_t: int, x_t: torch.Tensor) -> None:
             keep = torch.isin(idx, picks[step])
-            xs.append(x_t[keep].clone())
+            xs.append(x_t[keep.to(x_t.device)].cpu())
+            images.append(idx[keep])
             ts.append(torch.full((int(keep.sum()),), raw_t, dtype=torch.long))
             rows.append(torch.full((int(keep.sum()),), step, dtype=torch.long))
             if cond is not None:
                 # CFG runs both halves at this step; distil on both, choosing one per sample.
                 use_uncond = torch.rand(int(keep.sum()), generator=g) < 0.5 if key["guidance_scale"] != 1.0 \
                     else torch.zeros(int(keep.sum()), dtype=torch.bool)
-                conds.append(torch.where(use_uncond[:, None, None], uncond[keep], cond[keep]))
+                k = keep.to(cond.device)
+                pick = uncond[k] if uncond is not None else cond[k]
+                mask = use_uncond.reshape(-1, *([1] * (cond.dim() - 1))).to(cond.device)
+                conds.append(torch.where(mask, pick, cond[k]).cpu())
             bar.update(len(idx))
 
         denoise(teacher.denoiser, make_sampler(teacher, sampler_cfg), x, cond, uncond, key["guidance_scale"],
@@ -132,7 +146,8 @@ def generate(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: Cal
     bar.close()
     order = torch.randperm(sum(len(r) for r in rows), generator=g)[:n]
     return CalibrationSet(x=torch.cat(xs)[order], t=torch.cat(ts)[order], row=torch.cat(rows)[order],
-                          cond=torch.cat(conds)[order] if conds else None, timesteps=timesteps, key=key)
+                          cond=torch.cat(conds)[order] if conds else None, timesteps=timesteps, key=key,
+                          image=torch.cat(images)[order])
 
 
 def cache_path(cache_dir: Path, key: dict[str, Any]) -> Path:

@@ -9,6 +9,7 @@ pretraining, feature network, FID reference) sees the same held-out images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import lightning as L
 import torch
@@ -47,6 +48,7 @@ class DataConfig:
     size: int = 16
     heldout_fraction: float = 0.2
     split_seed: int = 0
+    prompts: Optional[str] = None  # text-to-image models: a file with one prompt per line (None: dq/assets/prompts.txt)
 
 
 class DigitsDataModule(L.LightningDataModule):

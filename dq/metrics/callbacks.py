@@ -54,7 +54,7 @@ class FIDISCallback(L.Callback):
                           "evaluated; set one, or leave the callback out (callbacks=none)")
         make_sampler(teacher, sampler_cfg)  # bad sampler config fails before training starts
         self.backend = make_backend(metrics_cfg)  # so does a missing feature backend
-        problem = shape_problem(teacher.sample_shape, data_cfg, self.backend)
+        problem = shape_problem(teacher.image_shape, data_cfg, self.backend, metrics_cfg.reference)
         if problem:
             raise DQError(f"callbacks.fid cannot score {teacher.name}: {problem}; leave the callback out")
         self.teacher, self.sampler_cfg, self.metrics_cfg, self.data_cfg = teacher, sampler_cfg, metrics_cfg, data_cfg
@@ -72,7 +72,7 @@ class FIDISCallback(L.Callback):
             raise DQError(f"callbacks.fid.num_samples={self.num_samples} is below the {trainer.world_size} ranks; "
                           f"every rank needs at least one image")
         self.metrics = cached_metrics(self.metrics_cfg, self.data_cfg, self.cache_dir, "heldout", self.backend,
-                                      sync=True)
+                                      sync=True, channels=self.teacher.image_shape[0])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step  # steps taken so far; the next step trains block_index(step)

@@ -116,6 +116,10 @@ class FeatureBackend(nn.Module):
         return None if len(shape) == 3 and shape[0] in (1, 3) else \
             f"the {self.name} backend scores 1- or 3-channel images, not shape {tuple(shape)}"
 
+    def input_note(self, channels: int) -> str:
+        """How images with ``channels`` channels are fed to the network, for results.json ("" = as they are)."""
+        return " (1-channel images repeated to RGB)" if channels == 1 else ""
+
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear resize of [B, C, H, W] to size×size (antialiased when shrinking); no-op at that size."""
@@ -124,8 +128,12 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
 
 
+LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+
 class DigitsBackend(FeatureBackend):
-    """Features = the digits classifier's penultimate layer, logits = its 10-way head (one pass)."""
+    """Features = the digits classifier's penultimate layer, logits = its 10-way head (one pass). The
+    network is grayscale: 3-channel images are scored by their luma."""
 
     def __init__(self, net: DigitsClassifier) -> None:
         super().__init__()
@@ -136,13 +144,15 @@ class DigitsBackend(FeatureBackend):
         self.input_size = net.config["size"]
         self.fingerprint = weights_fingerprint(net, json.dumps(net.config, sort_keys=True))
 
-    def check_images(self, shape: tuple[int, ...]) -> str | None:
-        return None if len(shape) == 3 and shape[0] == 1 else \
-            f"the digits backend scores 1-channel images, not shape {tuple(shape)}"
+    def input_note(self, channels: int) -> str:
+        return " (RGB images scored by their luma, 0.299 R + 0.587 G + 0.114 B)" if channels == 3 else ""
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net.body(_resize(x.float(), self.input_size))
+        x = x.float()
+        if x.shape[1] == 3:  # a grayscale network: RGB → luma (ITU-R BT.601), as Inception repeats gray to RGB
+            x = (LUMA.to(x) * x).sum(1, keepdim=True)
+        h = self.net.body(_resize(x, self.input_size))
         return h / self.net.config["feature_scale"], self.net.head(h)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,8 @@ class ImageMetrics(nn.Module):
         self.sync = sync
         self.batch_size = batch_size
         self.kid_subset_size = kid_subset_size
+        self.with_kid = True    # False once the reference is moments only (set_real_moments): KID needs features
+        self.n_real: int | None = None  # the reference's size when known from moments alone
         kw = {"sync_on_compute": sync}
         d, k = self.backend.num_features, self.backend.num_classes
         with warnings.catch_warnings():  # "will save all extracted features": known, and small here
@@ -79,11 +82,26 @@ class ImageMetrics(nn.Module):
         self.fid.update(feats, real=True)
         self.kid.update(feats, real=True)
 
+    def set_real_moments(self, mu: torch.Tensor, sigma: torch.Tensor, n: int | None) -> None:
+        """Use precomputed reference statistics (mean [D], ddof=1 covariance [D, D], number of images or None)
+        instead of features: FID's real states are set so that its mean and covariance are exactly these
+        (any count >= 2 gives the same moments); KID is then not computed (it needs the features)."""
+        self.with_kid, self.n_real = False, n
+        if not self.keeps_reference:
+            return
+        fid = self.fid
+        mu, sigma = mu.to(fid.real_features_sum), sigma.to(fid.real_features_cov_sum)
+        count = n if n is not None and n >= 2 else 2
+        fid.real_features_sum.copy_(count * mu)
+        fid.real_features_cov_sum.copy_((count - 1) * sigma + count * torch.outer(mu, mu))
+        fid.real_features_num_samples.fill_(count)
+
     def add_fake_features(self, feats: torch.Tensor, logits: torch.Tensor | None) -> None:
         """Add generated images' features [B, D] and (when the backend has a classifier) logits [B, K]."""
         dev = self.fid.fake_features_sum.device
         self.fid.update(feats.to(dev), real=False)
-        self.kid.update(feats.to(dev), real=False)
+        if self.with_kid:
+            self.kid.update(feats.to(dev), real=False)
         if self.inception_score is not None:
             self.inception_score.update(logits.to(dev))
 
@@ -121,7 +139,8 @@ class ImageMetrics(nn.Module):
 
     def compute(self) -> dict[str, Any]:
         """{"fid", "kid", "kid_std", "is", "is_std", "n_fake", "n_real"}; "is"/"is_std" are None when the
-        backend has no classifier. KID subsets and IS splits are drawn with a fixed seed (reproducible)."""
+        backend has no classifier, "kid"/"kid_std" when the reference is moments only (an .npz). KID
+        subsets and IS splits are drawn with a fixed seed (reproducible)."""
         n_real = self._global_count(self.fid.real_features_num_samples)
         n_fake = self._global_count(self.fid.fake_features_num_samples)
         if n_real < 2 or n_fake < 2:
@@ -131,8 +150,8 @@ class ImageMetrics(nn.Module):
         self.kid.subset_size = min(self.kid_subset_size, n_real, n_fake)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            kid_mean, kid_std = self.kid.compute()
-            out: dict[str, Any] = {"fid": float(self.fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
+            kid = [float(v) for v in self.kid.compute()] if self.with_kid else [None, None]
+            out: dict[str, Any] = {"fid": float(self.fid.compute()), "kid": kid[0], "kid_std": kid[1],
                                    "is": None, "is_std": None}
             if self.inception_score is not None:
                 with warnings.catch_warnings():  # is_splits=1: torch warns that the std has no degrees of freedom
@@ -140,25 +159,49 @@ class ImageMetrics(nn.Module):
                     is_mean, is_std = self.inception_score.compute()
                 # is_splits=1 has no spread: report None rather than NaN (which is not JSON)
                 out.update({"is": float(is_mean), "is_std": None if torch.isnan(is_std) else float(is_std)})
-        return {**out, "n_fake": n_fake, "n_real": n_real}
+        # moments only: the reference's size as its .npz states it (None when it does not)
+        return {**out, "n_fake": n_fake, "n_real": n_real if self.with_kid else self.n_real}
 
 
 def score(metrics: ImageMetrics, images: torch.Tensor, batch_size: int | None = None) -> dict[str, Any]:
     """Score ``images`` [N, C, H, W] as the fake set against the reference already in ``metrics``."""
+    return score_features(metrics, *extract(metrics.backend, images, batch_size or metrics.batch_size))
+
+
+def score_features(metrics: ImageMetrics, feats: torch.Tensor, logits: torch.Tensor | None) -> dict[str, Any]:
+    """``score`` of images whose backend features (and logits) were already extracted."""
     metrics.reset_fake()
-    metrics.add_fake_features(*extract(metrics.backend, images, batch_size or metrics.batch_size))
+    metrics.add_fake_features(feats, logits)
     return metrics.compute()
 
 
 @dataclass
 class MetricsConfig:
-    """The ``metrics`` config group: the feature backend and the KID / IS settings."""
+    """The ``metrics`` config group: the feature backend, the reference, the KID / IS settings and the
+    student-vs-teacher (pairwise) metrics."""
 
     backend: str = field(default="digits", metadata={"choices": "digits, tf_inception, inception"})
     kid_subset_size: int = 100
     kid_subsets: int = 50
     is_splits: int = 1
     batch_size: int = 250  # images per feature-network call
+    # null: the digits data split; an image folder (png/jpg); or an .npz with mu and sigma (FID only)
+    reference: Optional[str] = None
+    pairwise: bool = True  # student vs the FP teacher on the same seeds: fid_to_fp, psnr_to_fp, ssim_to_fp
+    pairwise_images: int = 1000  # teacher images kept per seed for PSNR / SSIM (FID-to-FP uses all)
+    clip_model: Optional[str] = None  # a local CLIP model folder (transformers): CLIP score when there are prompts
+
+    def __post_init__(self) -> None:
+        from dq.metrics.real_data import check_reference
+
+        check_reference(self.reference)
+        n = self.pairwise_images
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise DQError(f"metrics.pairwise_images={n!r} must be a positive integer (teacher images kept per seed "
+                          f"for PSNR / SSIM)")
+        if self.clip_model is not None and not (Path(str(self.clip_model)).expanduser() / "config.json").is_file():
+            raise DQError(f"metrics.clip_model={self.clip_model} is not a local CLIP model folder (no config.json); "
+                          f"save one with CLIPModel.save_pretrained + CLIPProcessor.save_pretrained, or set it to null")
 
 
 def metrics_from_config(metrics_cfg: MetricsConfig, backend: FeatureBackend | None = None, sync: bool = False) -> ImageMetrics:

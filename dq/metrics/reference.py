@@ -59,6 +59,31 @@ def reference_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
     return Path(cache_dir) / f"reference-{key['backend']}-{key['split']}-{digest}.pt"
 
 
+def load_cached(path: Path, key: dict[str, Any], label: str) -> RealFeatures | None:
+    """The features cached at ``path`` under ``key``; None when absent, stored under another key, or
+    unreadable (truncated by a crash or a full disk: logged, then rebuilt by the caller, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data["key"] == key:  # the file name is a hash; the stored key guards against collisions
+            log.info("reference features (%s): reused %s", label, path)
+            return RealFeatures(data["features"], data["logits"], key)
+    except Exception as e:
+        log.warning("reference cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:120])
+    return None
+
+
+def save_cached(path: Path, ref: RealFeatures, label: str) -> RealFeatures:
+    """Write ``ref`` to ``path`` atomically (concurrent writers leave one complete file, never a partial one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # one temp file per writing process
+    torch.save({"key": ref.key, "features": ref.features, "logits": ref.logits}, tmp)
+    tmp.replace(path)
+    log.info("reference features (%s): computed %d images and cached at %s", label, len(ref.features), path)
+    return ref
+
+
 def reference_features(backend: FeatureBackend, data_cfg: DataConfig, split: str, cache_dir: str | Path,
                        batch_size: int = 250) -> RealFeatures:
     """Features of the real ``split`` images under ``backend``, from the cache when present.
@@ -67,43 +92,56 @@ def reference_features(backend: FeatureBackend, data_cfg: DataConfig, split: str
     """
     key = reference_key(backend, data_cfg, split)
     path = reference_path(cache_dir, key)
-    if path.is_file():
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if data["key"] == key:  # the file name is a hash; the stored key guards against collisions
-                log.info("reference features (%s, %s): reused %s", split, backend.name, path)
-                return RealFeatures(data["features"], data["logits"], key)
-        except Exception as e:  # truncated by a crash or a full disk: rebuilt below, never trusted
-            log.warning("reference cache %s is unreadable (%s); rebuilding it", path, str(e).splitlines()[0][:120])
+    label = f"{split}, {backend.name}"
+    cached = load_cached(path, key, label)
+    if cached is not None:
+        return cached
     feats, logits = extract(backend, real_images(data_cfg, split), batch_size)
-    ref = RealFeatures(feats.cpu(), None if logits is None else logits.cpu(), key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # one temp file per writing process
-    torch.save({"key": key, "features": ref.features, "logits": ref.logits}, tmp)
-    tmp.replace(path)  # atomic: concurrent writers leave one complete file, never a partial one
-    log.info("reference features (%s, %s): computed %d images and cached at %s", split, backend.name,
-             len(ref.features), path)
-    return ref
+    return save_cached(path, RealFeatures(feats.cpu(), None if logits is None else logits.cpu(), key), label)
 
 
 def cached_metrics(metrics_cfg: MetricsConfig, data_cfg: DataConfig, cache_dir: str | Path, split: str = "heldout",
-                   backend: FeatureBackend | None = None, sync: bool = False) -> ImageMetrics:
-    """ImageMetrics (from the ``metrics`` group) holding the cached reference features of ``split``.
+                   backend: FeatureBackend | None = None, sync: bool = False, channels: int = 1) -> ImageMetrics:
+    """ImageMetrics (from the ``metrics`` group) holding the reference: ``metrics.reference`` when set
+    (an image folder read with ``channels`` channels: its cached features; an .npz: its moments, FID
+    only), else the cached features of the digits ``split``.
 
     Under ``sync`` only rank 0 loads the reference (see ImageMetrics.keeps_reference), so only rank 0
     touches the cache.
     """
     m = metrics_from_config(metrics_cfg, backend, sync)
-    if m.keeps_reference:
+    ref = metrics_cfg.reference
+    if ref is not None:
+        from dq.metrics.real_data import folder_features, is_stats_file, read_stats
+
+        if is_stats_file(ref):
+            m.set_real_moments(*read_stats(ref, m.backend))
+        elif m.keeps_reference:
+            m.add_real_features(folder_features(m.backend, ref, channels, cache_dir, m.batch_size).features)
+    elif m.keeps_reference:
         m.add_real_features(reference_features(m.backend, data_cfg, split, cache_dir, m.batch_size).features)
     return m
 
 
-def shape_problem(shape: tuple[int, ...], data_cfg: DataConfig, backend: FeatureBackend) -> str | None:
-    """Why samples of per-image ``shape`` (C, H, W) cannot be scored against the ``data_cfg`` reference
-    under ``backend``; None when they can."""
+def describe_reference(metrics_cfg: MetricsConfig, data_cfg: DataConfig) -> str:
+    """What ``fid``/``kid`` compare generated images with, for results.json."""
+    ref = metrics_cfg.reference
+    if ref is None:
+        return f"the held-out {data_cfg.name} images (data split)"
+    from dq.metrics.real_data import is_stats_file
+
+    return f"the statistics (mu, sigma) in {ref}" if is_stats_file(ref) else f"the images in folder {ref}"
+
+
+def shape_problem(shape: tuple[int, ...], data_cfg: DataConfig, backend: FeatureBackend,
+                  reference: str | None = None) -> str | None:
+    """Why samples of per-image ``shape`` (C, H, W) cannot be scored against the reference (``reference``,
+    i.e. metrics.reference, when set: any image size; else the ``data_cfg`` split) under ``backend``;
+    None when they can."""
+    if reference is not None:
+        return backend.check_images(tuple(shape))
     ref = tuple(real_images(data_cfg, "heldout").shape[1:])
     if tuple(shape) != ref:
         return (f"samples of shape {tuple(shape)} cannot be compared with the {data_cfg.name} reference of shape "
-                f"{ref} (a latent model needs its VAE decoder, which is not implemented)")
+                f"{ref}; score them against your own data with metrics.reference=<image folder or .npz>")
     return backend.check_images(tuple(shape))

@@ -55,25 +55,38 @@ def initial_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> t
                         for i in indices])
 
 
+def _on(c: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Conditioning on x's device; embeddings in x's dtype, class labels stay integers."""
+    if c is None:
+        return None
+    return c.to(x.device, dtype=x.dtype if c.is_floating_point() else c.dtype)
+
+
 @torch.no_grad()
 def denoise(denoiser: torch.nn.Module, sched, x: torch.Tensor, cond: torch.Tensor | None = None,
             uncond: torch.Tensor | None = None, guidance_scale: float = 1.0, seed: int = 0,
             on_step: Callable[[int, int, torch.Tensor], None] | None = None, eta: float = 0.0) -> torch.Tensor:
     """Run the sampler from x_T to x_0. ``on_step(step, raw_t, x_t)`` sees each model input.
 
-    With ``cond`` (encoder hidden states [B, L, D]) and guidance_scale > 1, classifier-free guidance
-    runs the unconditional and conditional halves in one batch (both at the same step).
+    ``cond`` / ``uncond``: the family's conditioning (encoder hidden states [B, L, D] or class labels
+    [B]). With guidance_scale != 1, classifier-free guidance as diffusers pipelines do it: the
+    unconditional and conditional halves run in one batch, ε = ε_u + s·(ε_c − ε_u).
     """
     gen = torch.Generator().manual_seed(seed)
     family = family_of(denoiser)
     step_kwargs = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}  # η: DDIM's stochasticity
     use_cfg = cond is not None and guidance_scale != 1.0
+    if use_cfg and uncond is None:
+        raise DQError(f"guidance_scale={guidance_scale} needs an unconditional input, and this model has none; "
+                      f"use guidance_scale=1.0")
+    cond, uncond = _on(cond, x), _on(uncond, x)
+    both = torch.cat([uncond, cond]) if use_cfg else None
     for step, t in enumerate(sched.timesteps):
         if on_step is not None:
             on_step(step, int(t), x)
         tt = torch.full((x.shape[0] * (2 if use_cfg else 1),), int(t), dtype=torch.long, device=x.device)
         if use_cfg:
-            eps_u, eps_c = family.forward(denoiser, torch.cat([x, x]), tt, torch.cat([uncond, cond])).chunk(2)
+            eps_u, eps_c = family.forward(denoiser, torch.cat([x, x]), tt, both).chunk(2)
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         else:
             eps = family.forward(denoiser, x, tt, cond)
@@ -87,24 +100,26 @@ def batches(indices: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def sample_images(teacher: DiffusionModel, denoiser: torch.nn.Module, sampler_cfg: SamplerConfig, indices: torch.Tensor, seed: int,
-                  batch_size: int = 250, cond_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  batch_size: int = 250, cond_fn: Callable[[torch.Tensor], tuple] | None = None,
                   guidance_scale: float = 1.0, desc: str = "sampling") -> torch.Tensor:
-    """Generate the images with global ``indices`` using ``denoiser`` (teacher or student): [N, C, H, W] in [−1, 1].
+    """Generate the images with global ``indices`` using ``denoiser`` (teacher or student): [N, C, H, W]
+    in [−1, 1], float32 on the CPU; a latent model's samples decoded by ``teacher.to_images``.
 
-    ``cond_fn(indices) -> (cond, uncond)`` supplies encoder hidden states for conditional UNets.
+    ``cond_fn(indices) -> (cond, uncond)`` supplies the conditioning (``dq.models.conditioning``).
+    Sampling runs on the denoiser's device and in its dtype; the teacher's VAE follows it.
     """
     if len(indices) == 0:
         raise DQError("number of images to sample must be > 0")
     out = []
-    device = next(denoiser.parameters()).device
+    param = next(denoiser.parameters())
     bar = progress(total=len(indices), desc=desc, unit="img", leave=False, per_update=True)
     for chunk in batches(indices, batch_size):
         sched = make_sampler(teacher, sampler_cfg)
-        x = initial_noise(chunk, teacher.sample_shape, seed).to(device)
+        x = initial_noise(chunk, teacher.sample_shape, seed).to(param.device, param.dtype)
         cond, uncond = cond_fn(chunk) if cond_fn is not None else (None, None)
         x = denoise(denoiser, sched, x, cond, uncond, guidance_scale, seed=seed * 7919 + int(chunk[0]),
                     eta=float(sampler_cfg.eta or 0.0))
-        out.append(x.clamp(-1, 1).cpu())
+        out.append(teacher.to_images(x))
         bar.update(len(chunk))
     bar.close()
     return torch.cat(out)

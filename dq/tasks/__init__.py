@@ -17,6 +17,7 @@ class QuantizeTask:
     floor: bool = True
     compare_fp: bool = True    # also sample the FP teacher (false: student only, e.g. benchmark cells)
     grid: int = 64
+    guidance_scale: float = 1.0  # classifier-free guidance when sampling (conf: ${calib.guidance_scale})
     resume: Optional[str] = None  # a checkpoints/last.ckpt of an interrupted run
 
 

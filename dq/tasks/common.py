@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dq.config import LoggerConfig, typed
@@ -38,6 +39,32 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     import dataclasses
 
     return {k: v for k, v in dataclasses.asdict(typed(cfg, "trainer")).items() if v is not None}
+
+
+def run_device(cfg: DictConfig) -> torch.device:
+    """The device this process's trainer uses (so the teacher, its VAE and text encoder follow it):
+    cuda:<local rank> for trainer.accelerator=gpu/cuda (or auto with CUDA present), mps, else cpu."""
+    acc = str(cfg.trainer.accelerator)
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DQError(f"trainer.accelerator={acc} but no CUDA device is visible; use trainer.accelerator=cpu")
+        d, local = cfg.trainer.devices, int(os.environ.get("LOCAL_RANK", 0))
+        ids = [int(i) for i in d] if OmegaConf.is_list(d) or isinstance(d, (list, tuple)) else \
+            [int(i) for i in d.split(",") if i.strip()] if isinstance(d, str) and d != "auto" else []
+        return torch.device("cuda", ids[local] if local < len(ids) else local)  # an int N: the first N GPUs
+    if acc == "mps" or (acc == "auto" and torch.backends.mps.is_available()):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_teacher(cfg: DictConfig) -> Any:
+    """The ``model`` group's model with the ``data.prompts`` it is sampled with (text-conditional
+    pipelines), on the run's device."""
+    from dq.models.conditioning import with_prompts
+    from dq.models.load import load_model
+
+    teacher = with_prompts(load_model(typed(cfg, "model")), cfg.data.get("prompts"))
+    return teacher.to(run_device(cfg))
 
 
 def make_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
@@ -105,7 +132,9 @@ def job_overrides() -> list[str]:
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:
     """results.json, written to a temporary name and renamed (never half-written)."""
-    results = {"overrides": job_overrides(), **results}
+    from dq import allocator
+
+    results = {"overrides": job_overrides(), **results, "allocator": allocator.STATE}
     path = out / "results.json"
     tmp = out / f"results.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(results, indent=2, default=float))
@@ -119,9 +148,11 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     A ``DQError`` (bad user input) prints as one line and exits with status 2. In a multirun any
     failure is logged with its traceback and the sweep goes on to the next job.
     """
-    from dq import console
+    from dq import allocator, console
 
     console.configure()
+    state = allocator.tune()  # a no-op when dq.cli.run already applied it
+    log.info("memory allocator: %s%s", state["reason"], f" {state['settings']}" if state.get("settings") else "")
     name = cfg.task.name
     try:
         if name not in TASKS:

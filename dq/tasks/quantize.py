@@ -33,10 +33,11 @@ from dq.metrics.callbacks import fid_callback
 from dq.metrics.grid import side_by_side_png
 from dq.models.blocks import select_blocks
 from dq.models.checkpoint import save_student
-from dq.models.load import DiffusionModel, load_model
+from dq.models.conditioning import check_guidance, conditioning_notes, prompt_of, standin
+from dq.models.load import DiffusionModel
 from dq.models.sampling import sampler_timesteps
-from dq.tasks.common import (command_line, finish_logger, make_logger, protocol, run_dir, trainer_kwargs,
-                             wandb_group, write_results)
+from dq.tasks.common import (command_line, finish_logger, load_teacher, make_logger, protocol, run_dir,
+                             trainer_kwargs, wandb_group, write_results)
 
 log = logging.getLogger("dq")
 STUDENT_FILE = "student.safetensors"
@@ -80,11 +81,10 @@ def make_job(cfg: DictConfig, teacher: DiffusionModel, out: Path, logger: Any, t
                        str(cfg.paths.cache_dir), int(cfg.seed), out_dir=out)
     run = FitRun(out=out, seed=int(cfg.seed), trainer=trainer_kwargs(cfg), logger=logger,
                  callbacks=[fid] if fid else [], resume=str(resume) if resume else None)
-    notes = []
-    if teacher.conditional:
-        notes.append("conditioning: stand-in Gaussian prompt embeddings (dq.models.conditioning) drive calibration, "
-                     "distillation and sampling; this model has no text encoder in dq")
-        log.warning(notes[-1])
+    check_guidance(teacher, calib_cfg.guidance_scale, "calib.guidance_scale")
+    notes = conditioning_notes(teacher)
+    for note in notes:
+        (log.warning if standin(teacher) else log.info)(note)
     return Job(notes=notes, teacher=teacher, quant=typed(cfg, "quant"), distill=dcfg, timesteps=sampler_timesteps(teacher, sampler),
                calibration=calibration,
                fit=timed(lambda student, d: fit(student, teacher.denoiser, calibration(), d, run), timings, "distill"),
@@ -98,7 +98,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method = typed(cfg, "method")
     recipe = recipe_for(method)
     p = protocol(cfg)  # validates the evaluation settings before any work
-    teacher = load_model(typed(cfg, "model"))
+    teacher = load_teacher(cfg)
+    check_guidance(teacher, p.guidance_scale, "task.guidance_scale")
     logger = make_logger(cfg, out, job="quantize")
     try:
         timings: dict[str, float] = {}
@@ -120,6 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             save_student(out / STUDENT_FILE, student.model, teacher, student.qcfg,
                          {"command": results["command"], "sampler": OmegaConf.to_container(cfg.sampler),
                           "method": results["method"],
+                          "teacher_parts": [k for k in ("vae", "text_encoder", "tokenizer") if getattr(teacher, k) is not None],
                           "run_config": OmegaConf.to_container(cfg, resolve=False)})
         results["train_seconds"] = time.time() - start
         if cfg.task.evaluate:
@@ -129,14 +131,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 models = {"fp": teacher.denoiser, "student": student.model}
             else:
                 models = {"student": student.model}
-            ev = evaluate_models(p, teacher, models, out)
+            if student.model is not None:  # Lightning hands the trained student back on the CPU
+                student.model.to(teacher.device)
+            ev = evaluate_models(p, teacher, models, out, prompts=prompt_of(teacher, torch.arange(p.num_samples)))
             print(format_table(ev["rows"]))
             if len(models) == 2:
                 side_by_side_png([out / "samples_fp.png", out / "samples_student.png"],
                                  out / "samples_teacher_vs_student.png",
                                  labels=["FP teacher", f"student {results['bits']} {method.name}"],
                                  title=f"{teacher.name}, {p.sampler.name} {p.sampler.steps} steps, seed {p.seed}")
-            results.update(ev)
+            results.update({**ev, "notes": results["notes"] + ev["notes"]})
             timings.update({f"sampling_{r['name']}": r["sample_seconds"] for r in ev["rows"] if "sample_seconds" in r})
             timings["evaluation"] = time.time() - start - results["train_seconds"]
             log_eval(logger, ev, out, student)

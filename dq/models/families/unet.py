@@ -1,5 +1,6 @@
-"""The UNet family: diffusers ``UNet2DModel`` (pixel DDPMs) and ``UNet2DConditionModel`` (text-conditional
-latent UNets). Everything dq knows about these two classes is in this file.
+"""The UNet family: diffusers ``UNet2DModel`` (pixel and latent DDPMs, class-conditional ones with
+``num_class_embeds``) and ``UNet2DConditionModel`` (text-conditional latent UNets). Everything dq
+knows about these two classes is in this file.
 
 Blocks follow the model's own structure (no patched model code): ``stem`` (time embedding + conv_in),
 ``down.{i}``, ``mid``, ``up.{i}``, ``head`` (norm_out, act, conv_out). A block's outputs are what
@@ -47,6 +48,14 @@ ARCHS: dict[str, tuple[type, dict[str, Any]]] = {
         sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)),
+    "unet2d_class": (UNet2DModel, dict(  # class-conditional (class_labels), like LDM cin256's UNet
+        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=8, num_class_embeds=10)),
+    "unet2d_latent": (UNet2DModel, dict(  # in a VQ autoencoder's 3-channel latent space (model=tiny_ldm)
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8)),
     "unet2d_cond": (UNet2DConditionModel, dict(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -62,7 +71,8 @@ class UNetState:
     timestep: torch.Tensor                     # [B] raw timesteps
     emb: torch.Tensor | None = None            # [B, D] time embedding, set by the stem
     res: tuple[torch.Tensor, ...] = ()         # skip tensors, pushed by stem/down, popped by up
-    encoder_hidden_states: torch.Tensor | None = None  # [B, L, D] for conditional UNets
+    encoder_hidden_states: torch.Tensor | None = None  # [B, L, D] for text-conditional UNets
+    class_labels: torch.Tensor | None = None           # [B] integer labels for class-conditional UNets
     new: tuple[torch.Tensor, ...] = field(default=())   # this block's outputs for the loss
 
     def detach(self) -> "UNetState":
@@ -71,7 +81,8 @@ class UNetState:
         GroupNorm→SiLU→Conv2d resnet fed such a map as a non-grad leaf (tests/test_blocks.py)."""
         d = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731
         return replace(self, sample=d(self.sample), emb=d(self.emb), res=tuple(d(r) for r in self.res),
-                       new=tuple(d(n) for n in self.new), encoder_hidden_states=d(self.encoder_hidden_states))
+                       new=tuple(d(n) for n in self.new), encoder_hidden_states=d(self.encoder_hidden_states),
+                       class_labels=d(self.class_labels))
 
 
 def _skipped(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -109,10 +120,12 @@ class UNetFamily(ModelFamily):
         if isinstance(model, UNet2DConditionModel):
             return Conditioning("text", dim=model.config.cross_attention_dim)
         if model.class_embedding is not None and model.config.num_class_embeds is not None:
-            return Conditioning("class", num_classes=model.config.num_class_embeds)
+            return Conditioning("class", num_classes=model.config.num_class_embeds)  # no null-class convention
         return None
 
     def initial_state(self, x, t, cond=None):
+        if cond is not None and not cond.is_floating_point():  # integer class labels
+            return UNetState(sample=x, timestep=t, class_labels=cond)
         return UNetState(sample=x, timestep=t, encoder_hidden_states=cond)
 
     # ------------------------------------------------------------------ quantization
@@ -185,8 +198,10 @@ class UNetFamily(ModelFamily):
         c = unet.config
         if cond and (c.addition_embed_type or c.class_embed_type or c.encoder_hid_dim_type):
             raise DQError("UNet2DConditionModel with class/addition embeddings or encoder_hid_proj is not supported yet")
-        if not cond and unet.class_embedding is not None:
-            raise DQError("class-conditional UNet2DModel is not supported yet")
+        labels = not cond and unet.class_embedding is not None
+        if labels and c.class_embed_type is not None:
+            raise DQError(f"UNet2DModel with class_embed_type={c.class_embed_type!r} is not supported; "
+                          f"supported: num_class_embeds with class_embed_type=None")
         if granularity == "model":
             return whole_model(unet, self.blocks(unet, "block"))
 
@@ -196,6 +211,8 @@ class UNetFamily(ModelFamily):
             emb = unet.time_embedding(unet.time_proj(t).to(dtype=s.sample.dtype))
             if cond and unet.time_embed_act is not None:
                 emb = unet.time_embed_act(emb)
+            if labels:  # UNet2DModel adds the class embedding to the time embedding
+                emb = emb + unet.class_embedding(s.class_labels.to(emb.device)).to(emb.dtype)
             h = unet.conv_in(s.sample)
             return replace(s, sample=h, emb=emb, res=(h,), new=(h, emb))
 
@@ -211,6 +228,8 @@ class UNetFamily(ModelFamily):
         stem_modules = [unet.time_proj, unet.time_embedding, unet.conv_in]
         if cond and unet.time_embed_act is not None:
             stem_modules.append(unet.time_embed_act)
+        if labels:
+            stem_modules.append(unet.class_embedding)
         head_modules = [m for m in (unet.conv_norm_out, unet.conv_act, unet.conv_out) if m is not None]
         middle = _module_units(unet) if granularity == "module" else _block_units(unet)
         return [Block("stem", stem_modules, stem), *middle, Block("head", head_modules, head)]
