@@ -81,6 +81,9 @@ def precheck(config_name: str, overrides: list[str]) -> str | None:
 
 def run(config_name: str, entry: Callable[[], object]) -> None:
     """Pre-check ``sys.argv``'s overrides (single runs), then hand over to the @hydra.main ``entry``."""
+    from dq import allocator
+
+    allocator.tune()  # before the first large tensor; logged and recorded in results.json by the tasks
     args = sys.argv[1:]
     if not any(a.startswith("-") for a in args):
         problem = precheck(config_name, args)

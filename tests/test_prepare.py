@@ -127,7 +127,7 @@ def test_prepare_swaps_every_layer(kind):
 
 
 def test_prepare_rejects_other_models():
-    with pytest.raises(DQError, match="'Sequential' is not supported; supported classes: UNet2DConditionModel"):
+    with pytest.raises(DQError, match="'Sequential' is not supported; supported classes: DiTTransformer2DModel, "):
         prepare(nn.Sequential(nn.Linear(2, 2)), QuantConfig(timesteps=(1,)))
 
 
@@ -383,3 +383,27 @@ def test_shared_tables_are_timestep_agnostic():
     fresh.load_state_dict(unet.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(fresh(x, t).sample, unet(x, t).sample)
+
+
+def test_a_batch_at_one_step_uses_one_row_with_the_same_outputs():
+    """Sampling calls the model with one timestep for the whole batch: the hook passes one row (the
+    quantizers' scalar path), and the outputs equal those of a batch whose rows are given per sample."""
+    from dq.models.load import build_arch
+    from dq.quant.prepare import rows_of
+
+    m = prepare(build_arch("unet2d").denoiser, QuantConfig(w_bits=4, a_bits=4, timesteps=(900, 500, 100)))
+    g = torch.Generator().manual_seed(0)
+    calibrate(m, [(torch.randn(6, 1, 16, 16, generator=g), torch.tensor([900, 500, 100] * 2), None)], "minmax")
+    seen = []
+    q = next(q for q in m.modules() if isinstance(q, TemporalActQuantizer) and q.num_steps > 1)
+    q.register_forward_pre_hook(lambda mod, args: seen.append(mod._rows(args[0]).numel()))
+    x, t = torch.randn(4, 1, 16, 16, generator=g), torch.full((4,), 500)
+    with torch.no_grad():
+        one_row = m(x, t).sample
+        blocks = family_of(m).blocks(m)
+        with m.dq_step_index.use(rows_of(m, t)):  # four equal rows, given explicitly
+            s = family_of(m).initial_state(x, t)
+            for b in blocks:
+                s = b(s)
+    assert seen == [1, 4]
+    assert torch.equal(one_row, s.sample)

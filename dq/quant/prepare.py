@@ -79,6 +79,8 @@ def attach_step_index(model: nn.Module, timesteps: Sequence[int], map_calls: boo
         rows = index.rows(t.to(index.timesteps.device) if isinstance(t, Tensor) else t).reshape(-1)
         if rows.numel() not in (1, batch):
             raise ValueError(f"timestep has {rows.numel()} entries for a batch of {batch} samples")
+        if rows.numel() > 1 and bool((rows == rows[0]).all()):  # one step for the whole batch (sampling):
+            rows = rows[:1]  # one row, so quantizers take their scalar path (same values, fewer passes)
         index.current = rows
         return None
 
