@@ -124,12 +124,16 @@ def test_eval_of_a_saved_student_needs_only_its_path(tmp_path, cfg_factory):
     assert all(r["fid"] > 0 for r in results["rows"])
     assert (out / "samples_student.png").is_file() and (out / "samples_fp.png").is_file()
 
-    from dq.tasks.evaluate import run
-
-    with pytest.raises(DQError) as e:
-        run(cfg_factory(f"ckpt_path={ckpt}", "sampler.steps=10", config_name="eval"))
-    msg = str(e.value)
-    assert "\n" not in msg and "tables for 4 sampler steps" in msg and "sampler.steps=10" in msg
+    # another step count: the tables move to the new timesteps and results.json says how
+    out10 = tmp_path / "eval10"
+    proc = run_cli("eval.py", [f"ckpt_path={ckpt}", "sampler.steps=10", "task.num_samples=4", "logger=none",
+                               f"hydra.run.dir={out10}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out10 / "results.json").read_text())["tpq_mapping"]
+    trained = set(qcfg.timesteps)
+    assert len(m["new"]) == 10 and set(m["exact"]) == trained & set(m["new"])
+    assert sorted(m["exact"] + m["interpolated"] + m["clamped"]) == sorted(m["new"])
+    assert all(t > max(trained) or t < min(trained) for t in m["clamped"])
 
 
 # ------------------------------------------------------------------------------------ reference cache

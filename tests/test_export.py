@@ -25,23 +25,24 @@ def test_pack_unpack_round_trip(bits, n):
     assert torch.equal(unpack(p, bits, [n, 3]), q)
 
 
-def _student(model, steps=4, w_bits=4):
+def _student(model, steps=4, w_bits=4, knots=0):
     ts = tuple(sampler_timesteps(model, SamplerConfig(steps=steps)))
-    s = prepare(copy.deepcopy(model.denoiser), QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts))
+    s = prepare(copy.deepcopy(model.denoiser), QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts, tpq_knots=knots))
     g = torch.Generator().manual_seed(0)
     every_step = (torch.randn(len(ts), *model.sample_shape, generator=g), torch.tensor(ts))
     weight_dilation(s, [every_step])
     calibrate(s, [every_step], "minmax")
     batch = (torch.randn(8, *model.sample_shape, generator=g), torch.tensor(ts[:2] * 4))  # mixed steps
-    meta = {"quant": json.loads(json.dumps(QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts).__dict__, default=list)),
+    qcfg = QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts, tpq_knots=knots)
+    meta = {"quant": json.loads(json.dumps(qcfg.__dict__, default=list)),
             "sampler": {"name": "ddim", "steps": steps, "eta": 0.0}, "method": {"name": "test"}, "teacher": model.name}
     return type(model)(s, model.scheduler, "student"), meta, batch
 
 
-@pytest.mark.parametrize("w_bits", [4, 8])
-def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, tmp_path):
+@pytest.mark.parametrize("w_bits,knots", [(4, 0), (8, 0), (4, 3)])
+def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, knots, tmp_path):
     model = build_arch("unet2d")
-    student, meta, (x, t) = _student(model, w_bits=w_bits)
+    student, meta, (x, t) = _student(model, w_bits=w_bits, knots=knots)
     out = export_student(student, meta, tmp_path / "exp")
     ref, qc = load_export(out, "reference")
     assert qc["layers"]["conv_in"]["w_bits"] == 8 and qc["timesteps"] == meta["quant"]["timesteps"]

@@ -20,6 +20,7 @@ from dq.data.calibration import CalibrationSet
 from dq.distill.bkd import DistillConfig
 from dq.models.load import DiffusionModel
 from dq.models.student import calibrate, prepare
+from dq.errors import DQError
 from dq.quant.config import QuantConfig, QuantSpec
 
 log = logging.getLogger("dq")
@@ -66,13 +67,17 @@ class Job:
     resume: bool = False
     notes: list[str] = field(default_factory=list)  # what was filled in by rule on the way (results.json)
 
-    def quant_config(self, shared_tables: bool) -> QuantConfig:
-        return QuantConfig.from_spec(self.quant, self.timesteps, shared_tables)
+    def quant_config(self, shared_tables: bool, tpq_knots: int = 0) -> QuantConfig:
+        try:
+            return QuantConfig.from_spec(self.quant, self.timesteps, shared_tables, tpq_knots)
+        except ValueError as e:
+            raise DQError(str(e)) from None
 
-    def prepare(self, shared_tables: bool) -> tuple[torch.nn.Module, QuantConfig]:
+    def prepare(self, shared_tables: bool, tpq_knots: int = 0) -> tuple[torch.nn.Module, QuantConfig]:
         """A fake-quantized, trainable copy of the teacher's denoiser (min–max Δ_w; activation tables not
-        yet set). Every parameter requires grad; a method freezes what it does not train."""
-        qcfg = self.quant_config(shared_tables)
+        yet set). Every parameter requires grad; a method freezes what it does not train. ``tpq_knots``:
+        0 = per-step tables, K = the continuous knot form (dq.quant.knots)."""
+        qcfg = self.quant_config(shared_tables, tpq_knots)
         return prepare(copy.deepcopy(self.teacher.denoiser), qcfg).requires_grad_(True), qcfg
 
     def calibrate(self, student: torch.nn.Module, method: str) -> None:
@@ -82,4 +87,4 @@ class Job:
 
     def batches(self) -> list[tuple]:
         """The first ``act_init_samples`` calibration inputs as (x_t, raw_t, cond) batches."""
-        return self.calibration().batches(self.act_init_samples)
+        return self.calibration().batches(self.act_init_samples, device=self.teacher.device)

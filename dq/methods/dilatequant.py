@@ -16,6 +16,7 @@ class DilateQuantConfig:
     weight_dilation: bool = True   # false: no scaling (ablation no_wd)
     shared_tables: bool = False    # true: one activation table for all steps (ablation no_tpq)
     bkd: bool = True               # false: post-training only (ablation no_bkd)
+    tpq_knots: int = 0             # 0: the paper's per-step table; K: Δ(t) continuous over K knots in raw t
     calib_method: str = field(default="percentile", metadata={"choices": CALIBRATION_METHODS})
 
     def __post_init__(self) -> None:
@@ -24,7 +25,7 @@ class DilateQuantConfig:
 
 @register(DilateQuantConfig)
 def run(job: Job, cfg: DilateQuantConfig) -> Student:
-    student, qcfg = job.prepare(cfg.shared_tables)
+    student, qcfg = job.prepare(cfg.shared_tables, cfg.tpq_knots)
     scaling: list[dict] = []
     if not job.resume:  # a resumed run's checkpoint already holds the scaled, calibrated student
         if cfg.weight_dilation:

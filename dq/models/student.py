@@ -22,6 +22,7 @@ from dq.models.families import family_of
 from dq.quant import calibration
 from dq.quant.calibration import CalibrationReport
 from dq.quant.config import QuantConfig
+from dq.quant.knots import use_knots
 from dq.quant.prepare import attach_step_index, dequantize_layers, detach_step_index, quantize_layers
 from dq.quant.scaling import apply_smoothquant, apply_weight_dilation
 
@@ -37,6 +38,8 @@ def prepare(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     quantize_layers(model, lambda name, layer: family.layer_bits(name, layer, qcfg), qcfg.num_steps)
     family.quantize_attention(model, qcfg)
     attach_step_index(model, qcfg.timesteps, not qcfg.shared_tables, family.timestep_of)
+    if qcfg.tpq_knots:
+        use_knots(model, qcfg.tpq_knots)
     return model
 
 
@@ -73,9 +76,15 @@ def weight_dilation(model: nn.Module, batches: Sequence[Sequence] | None = None)
     """Weight Dilation on the family's groups. With ``batches``, the report also says what it did to
     the activations (one extra float pass)."""
     absmax = input_absmax(model, batches) if batches is not None else None
-    return apply_weight_dilation(model, family_of(model).dilation_groups(model), act_absmax=absmax)
+    family = family_of(model)
+    report = apply_weight_dilation(model, family.dilation_groups(model), act_absmax=absmax)
+    family.fold_scales(model, report)
+    return report
 
 
 def smoothquant(model: nn.Module, batches: Sequence[Sequence], alpha: float = 0.5) -> list[dict]:
     """SmoothQuant α-scaling on the family's groups (needs the activation maxima: one float pass)."""
-    return apply_smoothquant(model, family_of(model).dilation_groups(model), input_absmax(model, batches), alpha)
+    family = family_of(model)
+    report = apply_smoothquant(model, family.dilation_groups(model), input_absmax(model, batches), alpha)
+    family.fold_scales(model, report)
+    return report

@@ -116,6 +116,22 @@ class TemporalActQuantizer(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} samples but {rows.numel()} step rows (expected {x.shape[0]} or 1)")
         return rows
 
+    def _row_params(self, rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(Δ, z) of this batch's rows: [B'] or [B', H], B' ∈ {1, B} (a subclass may compute them)."""
+        delta = self.delta.clamp_min(DELTA_MIN)
+        if rows is None:
+            return delta[:1], self.zero_point[:1]
+        return delta[rows], self.zero_point[rows]
+
+    def _table_shape(self) -> tuple[int, ...]:
+        """Shape of the per-step tables calibration produces: [T] or [T, H]."""
+        return (self.num_steps,) if self.heads is None else (self.num_steps, self.heads)
+
+    def _load_tables(self, delta: Tensor, zero_point: Tensor) -> None:
+        """Take calibrated per-step tables (shaped :meth:`_table_shape`)."""
+        self.delta.copy_(delta)
+        self.zero_point.copy_(zero_point)
+
     def _check_heads(self, x: Tensor) -> None:
         if self.heads is not None and (x.ndim <= self.head_axis or x.shape[self.head_axis] != self.heads):
             raise ValueError(
@@ -134,13 +150,7 @@ class TemporalActQuantizer(nn.Module):
         if self._calib is not None:
             self._observe(x.detach(), rows)
             return x
-        delta = self.delta.clamp_min(DELTA_MIN)
-        zp = self.zero_point
-        # gather the rows of this batch: [B'] or [B', H], B' ∈ {1, B}
-        if rows is None:
-            delta, zp = delta[:1], zp[:1]
-        else:
-            delta, zp = delta[rows], zp[rows]
+        delta, zp = self._row_params(rows)
         shape = [delta.shape[0]] + [1] * (x.ndim - 1)
         if self.heads is not None:
             shape[self.head_axis] = self.heads
@@ -169,9 +179,10 @@ class TemporalActQuantizer(nn.Module):
         if samples_per_row < 0:
             raise ValueError(f"samples_per_row={samples_per_row} must be ≥ 0")
         dev = self.delta.device
-        r = self.delta.numel()
+        shape = self._table_shape()
+        r = math.prod(shape)
         self._calib = _CalibState(
-            count=torch.zeros(self.num_steps, dtype=torch.long, device=dev),
+            count=torch.zeros(shape[0], dtype=torch.long, device=dev),
             lo=torch.full((r,), math.inf, device=dev),
             hi=torch.full((r,), -math.inf, device=dev),
             k=samples_per_row, cands=[], cand_rows=[],
@@ -260,15 +271,15 @@ class TemporalActQuantizer(nn.Module):
         elif method == "mse":
             lo, hi = self._mse_range(values, lo, hi, mse_grid)
         delta, zp = minmax_params(lo, hi, self.bits)
-        delta, zp = delta.view(self.delta.shape), zp.view(self.delta.shape)
+        shape = self._table_shape()
+        delta, zp = delta.view(shape), zp.view(shape)
         missing = (~observed).nonzero().squeeze(1)
         if missing.numel():
             obs = observed.nonzero().squeeze(1)
-            t = torch.arange(self.num_steps, device=obs.device)
+            t = torch.arange(shape[0], device=obs.device)
             nearest = obs[(t[:, None] - obs[None, :]).abs().argmin(dim=1)]
             delta, zp = delta[nearest], zp[nearest]
-        self.delta.copy_(delta)
-        self.zero_point.copy_(zp)
+        self._load_tables(delta, zp)
         self._calib = None
         return missing
 

@@ -54,6 +54,8 @@ class QuantConfig:
         timesteps: raw timesteps of the sampler schedule, one table row each (T = len); unique.
         shared_tables: one table shared by all steps (T = 1); ``timesteps`` may then be empty, and
             calls are not checked against them.
+        tpq_knots: 0 = the paper's free per-step table; K ≥ 1 = the continuous form Δ(t) = Δ·exp(r(t)),
+            z(t) = z + o(t) with r, o piecewise linear over K knots in raw t (dq.quant.knots).
     """
 
     w_bits: int = 4
@@ -65,6 +67,7 @@ class QuantConfig:
     quantize_attention: bool = True
     skip: tuple[str, ...] = ()
     quantize_time_embedding: bool = True
+    tpq_knots: int = 0
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -80,13 +83,18 @@ class QuantConfig:
             raise ValueError("timesteps is empty; give the sampler's raw timesteps, or set shared_tables=True")
         if len(set(ts)) != len(ts):
             raise ValueError(f"timesteps contain duplicates: {sorted({t for t in ts if ts.count(t) > 1})}")
+        if self.tpq_knots and (self.shared_tables or not 1 <= self.tpq_knots <= len(ts)):
+            raise ValueError(f"tpq_knots={self.tpq_knots} must be 0 (per-step table) or in 1..{len(ts)} (the sampler's "
+                             f"steps), and needs per-step tables (shared_tables=False)")
         object.__setattr__(self, "timesteps", ts)
         object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
 
     @classmethod
-    def from_spec(cls, spec: QuantSpec, timesteps: tuple[int, ...] | list[int], shared_tables: bool) -> "QuantConfig":
+    def from_spec(cls, spec: QuantSpec, timesteps: tuple[int, ...] | list[int], shared_tables: bool,
+                  tpq_knots: int = 0) -> "QuantConfig":
         fields = {k: v for k, v in asdict(spec).items() if k != "name"}
-        return cls(**{**fields, "skip": tuple(spec.skip)}, timesteps=tuple(timesteps), shared_tables=shared_tables)
+        return cls(**{**fields, "skip": tuple(spec.skip)}, timesteps=tuple(timesteps), shared_tables=shared_tables,
+                   tpq_knots=tpq_knots)
 
     @property
     def num_steps(self) -> int:

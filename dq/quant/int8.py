@@ -76,17 +76,17 @@ class _Int8Base(nn.Module):
 
     def _groups(self, x: Tensor) -> list[tuple[Tensor | None, float, Tensor, Tensor]]:
         """[(sample mask or None for all, Δx, 1/Δx, zx)] — one entry per distinct step row in the batch."""
-        q = self.act
-        delta = q.delta.detach().clamp_min(DELTA_MIN)
-        rows = q._rows(x)
+        rows = self.act._rows(x)
         if rows is None or rows.numel() == 1:
-            r = 0 if rows is None else int(rows.reshape(-1)[0])
-            return [(None, *self._row(delta, r))]
-        return [(rows == r, *self._row(delta, int(r))) for r in torch.unique(rows)]
+            return [(None, *self._row(rows))]
+        return [(rows == r, *self._row(r.reshape(1))) for r in torch.unique(rows)]
 
-    def _row(self, delta: Tensor, r: int) -> tuple[float, Tensor, Tensor]:
-        d = delta[r]
-        return float(d), d.reciprocal(), torch.round(self.act.zero_point.detach()[r]).clamp(0, qmax_of(self.act.bits))
+    def _row(self, rows: Tensor | None) -> tuple[float, Tensor, Tensor]:
+        """Δx, 1/Δx, zx of one row, as the quantizer computes them (a table row or the knot form)."""
+        with torch.no_grad():
+            delta, zp = self.act._row_params(rows)
+        d = delta.reshape(-1)[0]
+        return float(d), d.reciprocal(), torch.round(zp.reshape(-1)[0]).clamp(0, qmax_of(self.act.bits))
 
     def _scaled_inv(self, inv: Tensor, x: Tensor) -> Tensor:
         """1/Δx, times Weight Dilation's input scale per channel where it was not folded: one multiply of

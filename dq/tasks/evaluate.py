@@ -10,11 +10,14 @@ from. Overrides: ``sampler.name/steps/eta`` (null in conf/eval.yaml = keep the c
 ``base_sampler`` for a teacher), ``task.num_samples``, ``seed``, ``task.seeds=k`` (mean ± std over
 seeds seed … seed+k−1), ``task.batch_size``, ``task.guidance_scale``, ``metrics=...``.
 
-A student's per-step activation tables are tied to the raw timesteps it was trained at: another
-step count is refused with a one-line error naming both.
+A student's per-step activation tables belong to the raw timesteps it was trained at; with another
+sampler or step count they are moved to the new timesteps (``dq.quant.retarget``: trained steps kept
+exactly, others interpolated in raw t, outside the trained range clamped) and results.json records
+the mapping under ``tpq_mapping``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,10 +29,15 @@ from dq.evaluation import evaluate_models, format_table, log_results
 from dq.metrics.features import make_backend
 from dq.models.checkpoint import load_student
 from dq.models.export import is_export, load_export
+from dq.models.conditioning import prompt_of, with_prompts
 from dq.models.load import DiffusionModel, ModelConfig, load_model
 from dq.models.sampling import SamplerConfig, sampler_timesteps
 from dq.quant.int8 import to_int8
-from dq.tasks.common import command_line, finish_logger, make_logger, protocol, run_dir, write_results
+from dq.quant.retarget import retarget
+from dq.tasks.common import (command_line, finish_logger, load_teacher, make_logger, protocol, run_device, run_dir,
+                             write_results)
+
+log = logging.getLogger("dq")
 
 
 def resolve_sampler(cfg: DictConfig, saved: dict[str, Any] | None) -> SamplerConfig:
@@ -44,21 +52,23 @@ def resolve_sampler(cfg: DictConfig, saved: dict[str, Any] | None) -> SamplerCon
     return SamplerConfig(name=str(base["name"]), steps=int(base["steps"]), eta=float(base.get("eta") or 0.0))
 
 
-def check_student_steps(meta: dict[str, Any], student: DiffusionModel, sampler: SamplerConfig, path: str) -> None:
-    """Refuse a sampler whose raw timesteps differ from those the student's per-step tables were made for."""
-    q = meta["quant"]
-    if q.get("shared_tables"):
-        return  # one table for all steps: any schedule works
-    trained = [int(t) for t in q["timesteps"]]
+def match_student_steps(meta: dict[str, Any], student: DiffusionModel, sampler: SamplerConfig) -> dict[str, Any] | None:
+    """Fit a student's per-step activation tables to the sampler's raw timesteps when they differ from
+    those it was trained at (``dq.quant.retarget``: exact rows kept, others interpolated in raw t or
+    clamped to the trained range). Returns how parameters were mapped (for results.json), or None."""
+    if meta["quant"].get("shared_tables"):
+        return None  # one table for all steps: any schedule works
+    trained = [int(t) for t in meta["quant"]["timesteps"]]
     wanted = sampler_timesteps(student, sampler)
-    if len(trained) != len(wanted):
-        raise DQError(f"student {path} has per-step activation tables for {len(trained)} sampler steps, but "
-                      f"sampler.steps={len(wanted)} was requested; use sampler.steps={len(trained)} "
-                      f"(resampling the tables to another step count is not implemented)")
-    if trained != wanted:
-        raise DQError(f"student {path} was trained at timesteps {trained}, but sampler.name={sampler.name} "
-                      f"with {len(wanted)} steps calls it at {wanted}; use the sampler it was trained with "
-                      f"(saved: {meta['sampler']})")
+    if trained == wanted:
+        return None
+    try:
+        mapping = retarget(student.denoiser, wanted)
+    except ValueError as e:
+        raise DQError(f"cannot move the student's tables from its {len(trained)} trained steps to sampler "
+                      f"{sampler.name} with {len(wanted)} steps: {e}") from None
+    log.info("TPQ: %s (sampler %s, %d steps)", mapping.summary(), sampler.name, len(wanted))
+    return {"summary": mapping.summary(), **vars(mapping)}
 
 
 def load_checkpoint(cfg: DictConfig) -> tuple[SamplerConfig, DiffusionModel, dict[str, torch.nn.Module], dict[str, Any]]:
@@ -74,20 +84,27 @@ def load_checkpoint(cfg: DictConfig) -> tuple[SamplerConfig, DiffusionModel, dic
         if cfg.runtime == "int8":
             to_int8(student.denoiser)
     sampler = resolve_sampler(cfg, meta["sampler"])
-    check_student_steps(meta, student, sampler, path)
+    mapping = match_student_steps(meta, student, sampler)
     models: dict[str, torch.nn.Module] = {}
-    if cfg.task.with_teacher:
+    parts = meta.get("teacher_parts") or []  # a latent / text-to-image student decodes and encodes with its teacher's
+    if cfg.task.with_teacher or parts:
+        why = "task.with_teacher=true" if cfg.task.with_teacher else f"the student needs its teacher's {', '.join(parts)}"
         model_cfg = (meta.get("run_config") or {}).get("model")
         if model_cfg is None:
             raise DQError(f"student {path} does not record the teacher it came from (run_config.model); "
                           f"use task.with_teacher=false")
         try:
-            models["fp"] = load_model(ModelConfig(**model_cfg)).denoiser
+            teacher = load_model(ModelConfig(**model_cfg))
         except DQError as e:
-            raise DQError(f"task.with_teacher=true: cannot load the student's teacher: {e}") from None
+            raise DQError(f"{why}: cannot load the student's teacher: {e}") from None
+        for part in parts:
+            setattr(student, part, getattr(teacher, part))
+        with_prompts(student, cfg.data.get("prompts")).to(run_device(cfg))
+        if cfg.task.with_teacher:
+            models["fp"] = teacher.to(run_device(cfg)).denoiser
     models["student"] = student.denoiser
     info = {"ckpt_path": path, "runtime": str(cfg.runtime), "model": meta["teacher"], "quant": meta["quant"],
-            "trained_sampler": meta["sampler"]}
+            "trained_sampler": meta["sampler"], "tpq_mapping": mapping}
     return sampler, student, models, info
 
 
@@ -97,13 +114,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         sampler, model, models, info = load_checkpoint(cfg)
     else:
         sampler = resolve_sampler(cfg, None)
-        model = load_model(typed(cfg, "model"))
+        model = load_teacher(cfg)
         models, info = {"fp": model.denoiser}, {"model": model.name}
     p = protocol(cfg, sampler)
     out = run_dir(cfg)
     logger = make_logger(cfg, out, job="evaluate")
     try:
-        result = evaluate_models(p, model, models, out, backend=backend)
+        result = evaluate_models(p, model, models, out, backend=backend,
+                                 prompts=prompt_of(model, torch.arange(p.num_samples)))
         print(format_table(result["rows"]))
         write_results(out, {"command": command_line(), **info, "sampler": vars(sampler),
                             "metrics_backend": backend.name, "seed": int(cfg.seed), **result})
