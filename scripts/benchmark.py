@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["fp", "ptq", "lsq_qat", "efficientdm", "smoothquant_bkd", "dilatequant_no_wd", "dilatequant_no_tpq",
-           "dilatequant_no_bkd", "dilatequant"]
+           "dilatequant_no_bkd", "dilatequant_knots", "dilatequant"]
 BITS = ["w4a4", "w4a8", "w6a6", "w8a8"]
 
 

@@ -169,4 +169,3 @@ def test_single_row_fast_path_is_bitwise_equal_to_the_autograd_path(bits):
     x = torch.randn(16, 8, 5, 5) * 3
     delta, z = torch.tensor([0.037]).reshape(1, 1, 1, 1), torch.tensor([6.4]).reshape(1, 1, 1, 1)
     assert torch.equal(fake_quant_nograd(x, delta, z, bits), fake_quant(x, delta, z, bits))
-
