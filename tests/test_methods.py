@@ -45,6 +45,7 @@ def test_method_runs_a_tiny_job(method, cfg_factory, tmp_path):
     from dq.tasks.quantize import run
 
     extra = [f"method.steps={WHOLE_MODEL_STEPS}"] if method in ("lsq_qat", "efficientdm") else []
+    extra += ["method.tpq_knots=2"] if method == "dilatequant_knots" else []  # its default 10 > the 4 steps here
     cfg = cfg_factory(*TINY, f"method={method}", *extra)
     m = typed(cfg, "method")
     summary = run(cfg)
@@ -62,8 +63,13 @@ def test_method_runs_a_tiny_job(method, cfg_factory, tmp_path):
 
     # activation tables: one row per sampler step (TPQ), or one shared row
     shared = _shared_tables(m)
-    rows = {q.delta.shape[0] for q in student.denoiser.modules() if isinstance(q, TemporalActQuantizer)}
-    assert rows == ({1} if shared else {4}) and meta["quant"]["shared_tables"] == shared
+    quantizers = [q for q in student.denoiser.modules() if isinstance(q, TemporalActQuantizer)]
+    if getattr(m, "tpq_knots", 0):  # the continuous form: 4 steps read from 2 knots (+ the shared 8-bit ones)
+        assert {q.num_steps for q in quantizers if q.delta.shape[0] == 1 and hasattr(q, "knot_t")} == {4}
+        assert {q.knot_t.numel() for q in quantizers if hasattr(q, "knot_t")} == {2}
+    else:
+        rows = {q.delta.shape[0] for q in quantizers}
+        assert rows == ({1} if shared else {4}) and meta["quant"]["shared_tables"] == shared
 
     # distillation steps as configured: steps_per_block × blocks, method.steps for whole-model training
     if method in ("lsq_qat", "efficientdm"):

@@ -52,8 +52,9 @@ def psnr_ssim(a: torch.Tensor, b: torch.Tensor, batch_size: int = 250, device: t
     in batches through ``device`` (float64)."""
     if a.shape != b.shape:
         raise ValueError(f"paired images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=ssim_kernel(a.shape)).to(device)
+    psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(device)  # local: this process's pairs
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=ssim_kernel(a.shape),
+                                            sync_on_compute=False).to(device)
     for x, y in zip(a.split(batch_size), b.split(batch_size)):
         x01, y01 = (x.to(device).double() + 1) / 2, (y.to(device).double() + 1) / 2
         psnr.update(x01, y01)
@@ -84,7 +85,8 @@ class PairwiseMetrics:
     def add_teacher(self, seed: int, feats: torch.Tensor | None, images: torch.Tensor) -> None:
         fid = None
         if self.num_features is not None:
-            fid = FrechetInceptionDistance(feature=_Given(self.num_features), reset_real_features=False)
+            fid = FrechetInceptionDistance(feature=_Given(self.num_features), reset_real_features=False,
+                                           sync_on_compute=False)  # teacher and student of this process
             fid.to(feats.device).update(feats, real=True)  # moments on the features' device (D×D float64)
         self.teacher[seed] = (fid, images[: self.keep].detach().cpu().clone())
 
@@ -147,7 +149,7 @@ class ClipScorer:
             except (OSError, ValueError) as e:
                 raise DQError(f"metrics.clip_model={self.folder} is not a loadable CLIP model + processor folder "
                               f"({str(e).splitlines()[0][:120]})") from None
-        return CLIPScore(model_name_or_path=load)
+        return CLIPScore(model_name_or_path=load, sync_on_compute=False)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> float:
