@@ -9,12 +9,13 @@ Cells are resumable (a cell with results.json is not rerun) and live under --run
 benchmarks/transfer). The DDIM-50 students are the benchmark grid's cells
 (``--grid`` benchmarks/<method>/w4a4/seed<seed>/student.safetensors: run scripts/benchmark.py first).
 
-    python scripts/tpq_transfer.py [--seed 0] [--methods dilatequant dilatequant_knots]
+    python scripts/tpq_transfer.py [--seed 0] [--methods dilatequant dilatequant_knots] [--matched dilatequant]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -52,6 +53,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=["dilatequant", "dilatequant_knots"])
+    ap.add_argument("--matched", nargs="+", default=["dilatequant"],
+                    help="methods that also get a student trained at each schedule (the others: moved only)")
     ap.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "transfer")
     ap.add_argument("--grid", type=Path, default=ROOT / "benchmarks")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "tpq_transfer.md")
@@ -65,7 +68,10 @@ def main() -> None:
         fp = None
         for i, m in enumerate(a.methods):
             compare = f"task.compare_fp={'true' if i == 0 else 'false'}"  # the FP row once per schedule
-            matched = run(["train.py", f"method={m}", *sampler, compare], a.runs / f"train_{m}_{name}{steps}")
+            # the same 5,120 calibration inputs at every schedule: fewer steps need more trajectories
+            traj = f"calib.n_trajectories={max(128, math.ceil(5120 / steps))}"
+            matched = run(["train.py", f"method={m}", *sampler, compare, traj], a.runs / f"train_{m}_{name}{steps}") \
+                if m in a.matched else None
             fp = fp or row(matched, "fp").get("fid")
             ckpt = a.grid / m / "w4a4" / f"seed{a.seed}" / "student.safetensors"
             moved = run(["eval.py", f"ckpt_path={ckpt}", *sampler], a.runs / f"move_{m}_ddim50_to_{name}{steps}") \
