@@ -117,3 +117,24 @@ def test_broken_export_and_malicious_training_checkpoint_run_nothing(tmp_path, c
         main(cfg_factory("debug=tiny", f"task.resume={evil}"))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "task.resume" in err[0] and not marker.exists()
+
+
+@pytest.mark.parametrize("knots", [0, 3])
+def test_export_moved_to_another_schedule_agrees_on_both_runtimes(knots, tmp_path):
+    """retarget works on a loaded export, reference and int8 alike (int8 layers read the moved rows)."""
+    from dq.quant.retarget import retarget
+
+    model = build_arch("unet2d")
+    student, meta, (x, _) = _student(model, knots=knots)
+    out = export_student(student, meta, tmp_path / "exp")
+    ref, _ = load_export(out, "reference")
+    new = [999, 800, 500, 250, 0]
+    mapping = retarget(ref.denoiser, new)
+    assert mapping.exact == [500, 250, 0] and mapping.clamped == [999, 800]
+    if available():
+        i8, _ = load_export(out, "int8")
+        retarget(i8.denoiser, new)
+        t = torch.tensor([800, 250, 500, 0] * 2)
+        with torch.no_grad():
+            a, b = ref.family.forward(ref.denoiser, x, t), i8.family.forward(i8.denoiser, x, t)
+        assert float((a - b).abs().max()) <= 1e-2 * float(a.abs().max())
