@@ -216,7 +216,8 @@ def load_model(cfg: ModelConfig) -> DiffusionModel:
         model = _load_hub(cfg.id, cfg.scheduler)
     else:
         if not cfg.arch:
-            raise DQError(f"model.source=tiny needs model.arch; valid choices: {', '.join(archs())}")
+            known = [*archs(), *pipeline_archs()]
+            raise DQError(f"model.source=tiny needs model.arch; valid choices: {', '.join(known)}")
         model = build_arch(cfg.arch, cfg.seed)
         if cfg.scheduler:
             model.scheduler = _scheduler(Path("."), cfg.scheduler)
