@@ -29,6 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["fp", "ptq", "lsq_qat", "efficientdm", "smoothquant_bkd", "dilatequant_no_wd", "dilatequant_no_tpq",
            "dilatequant_no_bkd", "dilatequant_knots", "dilatequant"]
 BITS = ["w4a4", "w4a8", "w6a6", "w8a8"]
+# Named variants: a method with fixed overrides (the per-step activation forms of docs/tpq.md).
+VARIANTS = {
+    "dilatequant_pooled": ("dilatequant", ["method.tpq_init=pooled"]),
+    "dilatequant_knots_pooled": ("dilatequant_knots", ["method.tpq_init=pooled"]),
+    "dilatequant_stratified": ("dilatequant", ["distill.stratify_steps=true"]),
+    "dilatequant_smooth": ("dilatequant", ["distill.tpq_smooth=0.01"]),
+}
+METHODS += list(VARIANTS)
 
 
 def cell_dir(runs: Path, method: str, bits: str, seed: int) -> Path:
@@ -43,7 +51,8 @@ def run_cell(runs: Path, method: str, bits: str, seed: int, extra: list[str], th
     out.mkdir(parents=True, exist_ok=True)
     (out / "protocol.json").write_text(json.dumps({"extra": extra}))
     (out / "running.pid").write_text(str(os.getpid()))
-    cmd = [sys.executable, "train.py", f"method={method}", f"quant={bits}", f"seed={seed}", "logger=none",
+    base, fixed = VARIANTS.get(method, (method, []))
+    cmd = [sys.executable, "train.py", f"method={base}", *fixed, f"quant={bits}", f"seed={seed}", "logger=none",
            "task.compare_fp=false", f"hydra.run.dir={out}", *extra]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     print(f"[{time.strftime('%H:%M:%S')}] start {' '.join(cmd[1:])}", flush=True)

@@ -82,3 +82,23 @@ def test_knot_form_trains_reads_any_timestep_and_round_trips():
 def test_bad_knot_counts_are_refused(bad):
     with pytest.raises(ValueError, match="tpq_knots"):
         QuantConfig(w_bits=4, a_bits=4, timesteps=TRAINED, **bad)
+
+
+@pytest.mark.parametrize("form", [dict(), dict(tpq_knots=3), dict(tpq_knots=len(TRAINED))])
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_pooled_init_starts_every_step_as_the_shared_table(form, method):
+    def calibrated(**kw):
+        m = prepare(build_arch("unet2d").denoiser, QuantConfig(w_bits=4, a_bits=4, timesteps=TRAINED, **kw))
+        calibrate(m, batches(), method, pooled=not kw.get("shared_tables"), samples_per_row=64)
+        return m.eval()
+
+    shared, pooled = calibrated(shared_tables=True), calibrated(**form)
+    per_step = [q for q in pooled.modules() if isinstance(q, TemporalActQuantizer) and q.num_steps > 1]
+    assert per_step
+    for q in per_step:  # the per-step form kept, every row equal
+        d, z = q._row_params(torch.arange(len(TRAINED)))
+        assert torch.equal(d, d[:1].expand_as(d)) and torch.equal(z, z[:1].expand_as(z))
+        if isinstance(q, KnotActQuantizer):
+            assert not q.log_scale.any() and not q.zp_offset.any()
+    x, t = torch.randn(5, 1, 16, 16), torch.tensor(TRAINED)
+    assert torch.equal(outputs(pooled, x, t), outputs(shared, x, t))

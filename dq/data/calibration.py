@@ -206,10 +206,23 @@ class StepSeededBatches(Sampler[list[int]]):
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, rows: torch.Tensor | None = None) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start, self.stop, self.rank, self.world = start, stop, rank, world
         self.next_step = start
+        self.rows = rows  # [n] sampler step of each input: step-stratified batches (None: uniform draws)
+        if rows is not None:
+            self.by_row = [torch.nonzero(rows == r).squeeze(1) for r in range(int(rows.max()) + 1)]
+            self.by_row = [i for i in self.by_row if i.numel()]
+
+    def _stratified(self, g: torch.Generator, b: int) -> torch.Tensor:
+        """b inputs whose steps are spread evenly over the schedule: b ≥ T gives every step ⌊b/T⌋ or
+        ⌈b/T⌉ inputs; b < T takes b distinct steps, evenly spaced from a random offset."""
+        steps = len(self.by_row)
+        pos = (torch.rand(1, generator=g) + torch.arange(b)) * steps / b
+        which = pos.floor().long().clamp_max(steps - 1)[torch.randperm(b, generator=g)]
+        return torch.stack([self.by_row[r][torch.randint(self.by_row[r].numel(), (1,), generator=g)[0]]
+                            for r in which.tolist()])
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -219,7 +232,8 @@ class StepSeededBatches(Sampler[list[int]]):
             s = self.next_step
             self.next_step += 1
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + s)
-            idx = torch.randperm(self.n, generator=g)[: self.batch_size * self.world]
+            b = self.batch_size * self.world
+            idx = torch.randperm(self.n, generator=g)[:b] if self.rows is None else self._stratified(g, b)
             yield idx[self.rank:: self.world].tolist()
 
 
@@ -249,14 +263,17 @@ class StepLoader(DataLoader):
 class CalibrationDataModule(L.LightningDataModule):
     """Serves a CalibrationSet for ``total_steps`` optimisation steps (see StepSeededBatches)."""
 
-    def __init__(self, cs: CalibrationSet, batch_size: int, total_steps: int, seed: int) -> None:
+    def __init__(self, cs: CalibrationSet, batch_size: int, total_steps: int, seed: int,
+                 stratify_steps: bool = False) -> None:
         super().__init__()
         self.cs, self.batch_size, self.total_steps, self.seed = cs, batch_size, total_steps, seed
+        self.stratify_steps = stratify_steps
 
     def train_dataloader(self) -> DataLoader:
         start = self.trainer.global_step if self.trainer is not None else 0
         rank = self.trainer.global_rank if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
-        sampler = StepSeededBatches(len(self.cs), self.batch_size, self.seed, start, self.total_steps, rank, world)
+        sampler = StepSeededBatches(len(self.cs), self.batch_size, self.seed, start, self.total_steps, rank, world,
+                                    rows=self.cs.row if self.stratify_steps else None)
         return StepLoader(_Indexed(self.cs), batch_sampler=sampler, collate_fn=lambda idx: self.cs.batch(
             torch.tensor(idx)))

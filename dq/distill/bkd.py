@@ -51,6 +51,8 @@ class DistillConfig:
     cosine: bool = True                # per-block cosine decay of every learning rate
     ckpt_every: int = 100              # save checkpoints/last.ckpt every N steps
     cache_mb: float = 4096             # memory for the block inputs of the calibration set; 0 = recompute
+    stratify_steps: bool = False       # batches spread evenly over the sampler's steps (not uniform draws)
+    tpq_smooth: float = 0.0            # λ · Σ roughness of the block's per-step activation curves, added to the loss
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_MODES:
@@ -60,6 +62,8 @@ class DistillConfig:
         for name in ("steps_per_block", "batch_size", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise DQError(f"distill.{name}={getattr(self, name)} must be >= 1")
+        if self.tpq_smooth < 0:
+            raise DQError(f"distill.tpq_smooth={self.tpq_smooth} must be >= 0 (0: no smoothness penalty)")
         object.__setattr__(self, "blocks", tuple(self.blocks))
 
 
@@ -175,7 +179,11 @@ class BlockDistiller(L.LightningModule):
             inp = inp.detach()
         with step_index.use(rows):
             out = self.student_blocks[k](inp).new
-        return sum(F.mse_loss(o, t) for o, t in zip(out, target)) / len(out)
+        loss = sum(F.mse_loss(o, t) for o, t in zip(out, target)) / len(out)
+        if self.cfg.tpq_smooth:
+            loss = loss + self.cfg.tpq_smooth * sum(q.roughness() for m in self.student_blocks[k].modules
+                                                    for q in m.modules() if isinstance(q, TemporalActQuantizer))
+        return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step = self.global_step

@@ -31,7 +31,7 @@ def fit(student: torch.nn.Module, teacher: torch.nn.Module, calib: CalibrationSe
     student.train()  # which parameters train is the method's choice (requires_grad)
     inputs = {"x": calib.x, "t": calib.t, **({"cond": calib.cond} if calib.cond is not None else {})}
     module = BlockDistiller(student, teacher, dcfg, inputs=inputs)
-    dm = CalibrationDataModule(calib, dcfg.batch_size, module.total_steps, run.seed)
+    dm = CalibrationDataModule(calib, dcfg.batch_size, module.total_steps, run.seed, dcfg.stratify_steps)
     bar = BlockProgressBar()
     callbacks = [PeriodicCheckpoint(run.out / "checkpoints", dcfg.ckpt_every), bar, RankConsistency(), *run.callbacks]
     if is_wandb(run.logger):

@@ -80,10 +80,11 @@ class Job:
         qcfg = self.quant_config(shared_tables, tpq_knots)
         return prepare(copy.deepcopy(self.teacher.denoiser), qcfg).requires_grad_(True), qcfg
 
-    def calibrate(self, student: torch.nn.Module, method: str) -> None:
-        """Initialise the activation tables from the first ``act_init_samples`` calibration inputs; what
-        had to be filled in by rule (steps never seen, quantizers never run) goes to ``notes``."""
-        self.notes += calibrate(student, self.batches(), method).notes()
+    def calibrate(self, student: torch.nn.Module, method: str, pooled: bool = False) -> None:
+        """Initialise the activation tables from the first ``act_init_samples`` calibration inputs
+        (``pooled``: every step's row from all steps' statistics); what had to be filled in by rule
+        (steps never seen, quantizers never run) goes to ``notes``."""
+        self.notes += calibrate(student, self.batches(), method, pooled=pooled).notes()
 
     def batches(self) -> list[tuple]:
         """The first ``act_init_samples`` calibration inputs as (x_t, raw_t, cond) batches."""

@@ -5,9 +5,13 @@ The ablations are switches of this one recipe (conf/method/dilatequant_no_{wd,tp
 from dataclasses import dataclass, field
 
 from dq.methods import register
+from dq.errors import choice_error
 from dq.methods.base import Job, Student, check_calib_method
 from dq.models.student import weight_dilation
 from dq.quant.quantizers import CALIBRATION_METHODS
+
+
+TPQ_INITS = ("per_step", "pooled")  # each step's row from its own calibration inputs | from all steps'
 
 
 @dataclass
@@ -18,9 +22,12 @@ class DilateQuantConfig:
     bkd: bool = True               # false: post-training only (ablation no_bkd)
     tpq_knots: int = 0             # 0: the paper's per-step table; K: Δ(t) continuous over K knots in raw t
     calib_method: str = field(default="percentile", metadata={"choices": CALIBRATION_METHODS})
+    tpq_init: str = field(default="per_step", metadata={"choices": TPQ_INITS})  # pooled: every step starts shared
 
     def __post_init__(self) -> None:
         check_calib_method(self.calib_method)
+        if self.tpq_init not in TPQ_INITS:
+            raise choice_error("method.tpq_init", self.tpq_init, TPQ_INITS)
 
 
 @register(DilateQuantConfig)
@@ -30,6 +37,6 @@ def run(job: Job, cfg: DilateQuantConfig) -> Student:
     if not job.resume:  # a resumed run's checkpoint already holds the scaled, calibrated student
         if cfg.weight_dilation:
             scaling = weight_dilation(student, job.batches())
-        job.calibrate(student, cfg.calib_method)
+        job.calibrate(student, cfg.calib_method, pooled=cfg.tpq_init == "pooled")
     train = job.fit(student, job.distill) if cfg.bkd else {"steps": 0}
     return Student(student, qcfg, train, scaling)

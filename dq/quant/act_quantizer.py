@@ -29,6 +29,7 @@ class _CalibState:
     cands: list  # per observed batch: [B·H, K] values drawn uniformly from each (sample, head)
     cand_rows: list  # per observed batch: [B·H] their flattened rows
     generator: torch.Generator
+    pooled: bool = False  # one row for all steps: every row is set to the statistics of all steps
 
 
 class TemporalActQuantizer(nn.Module):
@@ -102,7 +103,7 @@ class TemporalActQuantizer(nn.Module):
     # ---------------------------------------------------------------- forward
     def _rows(self, x: Tensor) -> Tensor | None:
         """Rows of the batch: LongTensor [B] or [1]; None in shared mode."""
-        if self.num_steps == 1:
+        if self.num_steps == 1 or (self._calib is not None and self._calib.pooled):
             return None
         si = self._step_index
         rows = si.current if si is not None else None
@@ -122,6 +123,18 @@ class TemporalActQuantizer(nn.Module):
         if rows is None:
             return delta[:1], self.zero_point[:1]
         return delta[rows], self.zero_point[rows]
+
+    def roughness(self) -> Tensor:
+        """Σ of squared second differences along the steps of log Δ and of z (in steps of the integer grid):
+        0 for curves linear in the step (and for shared tables). A smoothness penalty for training."""
+        d, z = self._curve()
+        if d.shape[0] < 3:
+            return d.new_zeros(())
+        return sum((v[2:] - 2 * v[1:-1] + v[:-2]).pow(2).sum() for v in (d.clamp_min(DELTA_MIN).log(), z))
+
+    def _curve(self) -> tuple[Tensor, Tensor]:
+        """The trainable per-step curves (Δ, z) along the steps (a subclass: along its knots)."""
+        return self.delta, self.zero_point
 
     def _table_shape(self) -> tuple[int, ...]:
         """Shape of the per-step tables calibration produces: [T] or [T, H]."""
@@ -167,7 +180,7 @@ class TemporalActQuantizer(nn.Module):
         return fake_quant(x, delta, zp, self.bits, grad_scale=g)
 
     # ---------------------------------------------------------------- calibration
-    def start_calibration(self, samples_per_row: int = 0, seed: int = 0) -> None:
+    def start_calibration(self, samples_per_row: int = 0, seed: int = 0, pooled: bool = False) -> None:
         """Enter calibration mode: forward records statistics per row and returns x unchanged.
 
         Args:
@@ -175,18 +188,20 @@ class TemporalActQuantizer(nn.Module):
                 (per (step, head)) for ``percentile``/``mse``; 0 keeps only min/max.
                 Memory: 2·T·H·K floats.
             seed: seed of the private generator drawing the subsample (the global RNG is untouched).
+            pooled: pool the statistics of all steps into one row and give every row its parameters
+                (per-step parameters that start as the shared table; training then separates them).
         """
         if samples_per_row < 0:
             raise ValueError(f"samples_per_row={samples_per_row} must be ≥ 0")
-        dev = self.delta.device
-        shape = self._table_shape()
+        dev, shape = self.delta.device, self._table_shape()
+        shape = (1, *shape[1:]) if pooled else shape
         r = math.prod(shape)
         self._calib = _CalibState(
             count=torch.zeros(shape[0], dtype=torch.long, device=dev),
             lo=torch.full((r,), math.inf, device=dev),
             hi=torch.full((r,), -math.inf, device=dev),
             k=samples_per_row, cands=[], cand_rows=[],
-            generator=torch.Generator(device=dev).manual_seed(seed),
+            generator=torch.Generator(device=dev).manual_seed(seed), pooled=pooled,
         )
 
     @torch.no_grad()
@@ -272,7 +287,9 @@ class TemporalActQuantizer(nn.Module):
             lo, hi = self._mse_range(values, lo, hi, mse_grid)
         delta, zp = minmax_params(lo, hi, self.bits)
         shape = self._table_shape()
-        delta, zp = delta.view(shape), zp.view(shape)
+        if c.pooled:  # the one pooled row, for every step
+            delta, zp = delta.view(1, *shape[1:]).expand(shape), zp.view(1, *shape[1:]).expand(shape)
+        delta, zp = delta.reshape(shape), zp.reshape(shape)
         missing = (~observed).nonzero().squeeze(1)
         if missing.numel():
             obs = observed.nonzero().squeeze(1)

@@ -53,10 +53,11 @@ def act_quantizers(model: nn.Module) -> Iterator[tuple[str, TemporalActQuantizer
             yield name, m
 
 
-def start_calibration(model: nn.Module, samples_per_row: int = 0, seed: int = 0) -> None:
-    """Every TemporalActQuantizer of ``model`` records statistics and passes its input through unchanged."""
+def start_calibration(model: nn.Module, samples_per_row: int = 0, seed: int = 0, pooled: bool = False) -> None:
+    """Every TemporalActQuantizer of ``model`` records statistics and passes its input through unchanged
+    (``pooled``: one set of statistics over all steps, given to every step's row)."""
     for _, q in act_quantizers(model):
-        q.start_calibration(samples_per_row=samples_per_row, seed=seed)
+        q.start_calibration(samples_per_row=samples_per_row, seed=seed, pooled=pooled)
 
 
 def finish_calibration(
@@ -109,8 +110,10 @@ def record_input_absmax(model: nn.Module) -> Iterator[dict[str, Tensor]]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable, run: Callable[[object], object], method: str = "minmax",
-              percentile: float = 99.99, samples_per_row: int = 512, mse_grid: int = 81) -> CalibrationReport:
-    """Initialise every activation table of ``model`` from data (per step: TPQ).
+              percentile: float = 99.99, samples_per_row: int = 512, mse_grid: int = 81,
+              pooled: bool = False) -> CalibrationReport:
+    """Initialise every activation table of ``model`` from data (per step: TPQ; ``pooled``: every step's
+    row from the statistics of all steps, i.e. per-step parameters that start as the shared table).
 
     ``run(batch)`` runs the model on one batch (the model family knows how). Weight quantizers keep
     their state, so activations are those of the weight-quantized network. Steps never seen are
@@ -118,7 +121,7 @@ def calibrate(model: nn.Module, batches: Iterable, run: Callable[[object], objec
     """
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method={method!r}; valid choices are {CALIBRATION_METHODS}")
-    start_calibration(model, samples_per_row=0 if method == "minmax" else samples_per_row)
+    start_calibration(model, samples_per_row=0 if method == "minmax" else samples_per_row, pooled=pooled)
     try:
         for batch in batches:
             run(batch)

@@ -85,6 +85,9 @@ class KnotActQuantizer(TemporalActQuantizer):
         w = hat_weights(self.knot_t, self._raw_t(rows)).to(self.log_scale.dtype)  # [B', K]
         return base_d * torch.exp(w @ self.log_scale), self.zero_point + w @ self.zp_offset  # [B'] or [B', H]
 
+    def _curve(self) -> tuple[Tensor, Tensor]:
+        return self.log_scale.exp(), self.zp_offset  # r and o at the evenly spaced knots
+
     def _table_shape(self) -> tuple[int, ...]:
         steps = 1 if self.num_knots == 1 else self.num_steps
         return (steps,) if self.heads is None else (steps, self.heads)
@@ -93,7 +96,8 @@ class KnotActQuantizer(TemporalActQuantizer):
     def _load_tables(self, delta: Tensor, zero_point: Tensor) -> None:
         """Fit the knot form to calibrated per-step tables: Δ_shared = their geometric mean, z_shared the
         mean; r and o by least squares at the trained timesteps (exact interpolation for K = T)."""
-        if self.num_knots == 1:  # one pooled table: take it as is, r = o = 0
+        same = all(torch.equal(v, v[:1].expand_as(v)) for v in (delta, zero_point))
+        if self.num_knots == 1 or same:  # one pooled table (or equal rows): take it as is, r = o = 0 exactly
             self.delta.copy_(delta[:1])
             self.zero_point.copy_(zero_point[:1])
             self.log_scale.zero_()

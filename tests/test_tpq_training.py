@@ -1,0 +1,67 @@
+"""Training switches for per-step activation parameters: step-stratified batches, the smoothness penalty."""
+
+import math
+
+import pytest
+import torch
+
+from dq.data.calibration import StepSeededBatches
+from dq.distill.bkd import DistillConfig
+from dq.errors import DQError
+from dq.quant.act_quantizer import TemporalActQuantizer
+from dq.quant.knots import KnotActQuantizer
+
+ROWS = torch.arange(50).repeat_interleave(10)[torch.randperm(500, generator=torch.Generator().manual_seed(0))]
+
+
+def batch(bs, step=0, rank=0, world=1, rows=ROWS):
+    return next(iter(StepSeededBatches(len(ROWS), bs, seed=3, start=step, stop=step + 1, rank=rank, world=world,
+                                       rows=rows)))
+
+
+def test_small_batches_take_distinct_evenly_spaced_steps():
+    for step in range(20):
+        steps = sorted(ROWS[batch(32, step)].tolist())
+        assert len(set(steps)) == 32
+        gaps = [b - a for a, b in zip(steps, steps[1:])] + [steps[0] + 50 - steps[-1]]
+        assert set(gaps) <= {1, 2}  # 50 steps / 32 samples: every gap 1 or 2 (around the circle)
+
+
+def test_large_batches_cover_every_step_evenly_and_are_reproducible():
+    counts = torch.bincount(ROWS[batch(120, 7)], minlength=50)
+    assert counts.min() == 2 and counts.max() == 3 and counts.sum() == 120
+    assert batch(120, 7) == batch(120, 7) and batch(120, 7) != batch(120, 8)
+    ranks = [batch(60, 5, r, 2) for r in range(2)]  # DDP: the ranks split the one stratified batch of 120
+    assert sorted(ranks[0] + ranks[1]) == sorted(batch(120, 5)) and len(ranks[0]) == len(ranks[1]) == 60
+
+
+def test_uniform_draws_unchanged_without_rows():
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 4)
+    assert batch(32, 4, rows=None) == torch.randperm(500, generator=g)[:32].tolist()
+
+
+def test_roughness_is_zero_on_lines_and_the_squared_second_difference_otherwise():
+    q = TemporalActQuantizer(4, num_steps=5)
+    with torch.no_grad():
+        q.delta.copy_(torch.exp(torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4])))
+        q.zero_point.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert q.roughness().item() == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():
+        q.zero_point[2] += 1.0  # second differences +1, −2, +1 around row 2
+    assert q.roughness().item() == pytest.approx(6.0, rel=1e-6)
+    q.roughness().backward()
+    assert q.zero_point.grad[2].item() == pytest.approx(2 * (1 * 1 + (-2) * (-2) + 1 * 1), rel=1e-6)
+    assert TemporalActQuantizer(4, num_steps=1).roughness().item() == 0.0
+
+
+def test_knot_roughness_is_along_the_knots():
+    q = KnotActQuantizer(4, num_steps=50, knots=torch.linspace(1, 981, 4))
+    with torch.no_grad():
+        q.log_scale.copy_(torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    assert q.roughness().item() == pytest.approx((-1.0) ** 2 + 0.5 ** 2, rel=1e-5)
+
+
+def test_negative_smoothness_is_refused():
+    with pytest.raises(DQError, match=r"distill.tpq_smooth=-1.0 must be >= 0"):
+        DistillConfig(tpq_smooth=-1.0)
+    assert math.isfinite(DistillConfig(tpq_smooth=0.1).tpq_smooth)
