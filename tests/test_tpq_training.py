@@ -65,3 +65,19 @@ def test_negative_smoothness_is_refused():
     with pytest.raises(DQError, match=r"distill.tpq_smooth=-1.0 must be >= 0"):
         DistillConfig(tpq_smooth=-1.0)
     assert math.isfinite(DistillConfig(tpq_smooth=0.1).tpq_smooth)
+
+
+def test_knot_deviations_get_their_own_learning_rate():
+    from dq.distill.bkd import param_groups
+    from dq.models.load import build_arch
+    from dq.models.student import prepare
+    from dq.quant.config import QuantConfig
+
+    m = prepare(build_arch("unet2d").denoiser, QuantConfig(w_bits=4, a_bits=8, timesteps=(900, 500, 100), tpq_knots=2))
+    knot_ids = {id(p) for q in m.modules() if isinstance(q, KnotActQuantizer) for p in (q.log_scale, q.zp_offset)}
+    groups = {g["name"]: g for g in param_groups(m, DistillConfig(lr_act=1e-3, lr_act_knots=5e-2))}
+    assert {id(p) for g in groups.values() if g["name"].startswith("act_knots") for p in g["params"]} == knot_ids
+    assert groups["act_knots_8bit"]["lr"] == pytest.approx(5e-2 * 15 / 255)  # the same bit rule as Δ_x
+    assert not knot_ids & {id(p) for p in groups["act_8bit"]["params"]}
+    default = param_groups(m, DistillConfig(lr_act=1e-3))
+    assert not any(g["name"].startswith("act_knots") for g in default)  # None: they train with lr_act

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, List, Optional
 
 import lightning as L
 import torch
@@ -31,6 +31,7 @@ from dq.models.blocks import GRANULARITIES, run_blocks, select_blocks
 from dq.distill.prefix_cache import PrefixCache
 from dq.models.families import family_of
 from dq.quant.prepare import rows_of
+from dq.quant.knots import KnotActQuantizer
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
 
 INPUT_MODES = ("student", "teacher")
@@ -45,6 +46,7 @@ class DistillConfig:
     lr_weights: float = 1e-4
     lr_delta_w: float = 1e-3
     lr_act: float = 1e-3
+    lr_act_knots: Optional[float] = None  # the knot form's per-step deviations r(t), o(t); None: lr_act
     input: str = field(default="student", metadata={"choices": INPUT_MODES})  # student prefix | teacher chain
     granularity: str = field(default="block", metadata={"choices": GRANULARITIES})
     blocks: List[str] = field(default_factory=list)  # subset of block names to train (empty: all, in order)
@@ -91,12 +93,14 @@ def param_groups(student: nn.Module, cfg: DistillConfig) -> list[dict[str, Any]]
         if isinstance(m, (TemporalActQuantizer, WeightQuantizer)):
             kind = "act" if isinstance(m, TemporalActQuantizer) else "delta_w"
             quant_params.update({id(p): (kind, m.bits) for p in m.parameters()})
+        if isinstance(m, KnotActQuantizer) and cfg.lr_act_knots is not None:
+            quant_params.update({id(p): ("act_knots", m.bits) for p in (m.log_scale, m.zp_offset)})
     groups: dict[tuple[str, int], list[nn.Parameter]] = {}
     for p in student.parameters():
         if not p.requires_grad:  # frozen by the method (e.g. EfficientDM's base weights)
             continue
         groups.setdefault(quant_params.get(id(p), ("weights", 0)), []).append(p)
-    base = {"weights": cfg.lr_weights, "delta_w": cfg.lr_delta_w, "act": cfg.lr_act}
+    base = {"weights": cfg.lr_weights, "delta_w": cfg.lr_delta_w, "act": cfg.lr_act, "act_knots": cfg.lr_act_knots}
     out = []
     for (kind, bits), ps in sorted(groups.items()):
         lr = base[kind] if kind == "weights" else base[kind] * 15 / (2 ** bits - 1)
