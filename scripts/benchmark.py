@@ -35,7 +35,8 @@ VARIANTS = {
     "dilatequant_knots_pooled": ("dilatequant_knots", ["method.tpq_init=pooled"]),
     "dilatequant_stratified": ("dilatequant", ["distill.stratify_steps=true"]),
     "dilatequant_smooth": ("dilatequant", ["distill.tpq_smooth=0.001"]),
-    "dilatequant_knots_pooled_fast": ("dilatequant_knots", ["method.tpq_init=pooled", "distill.lr_act_knots=0.01"]),
+    "dilatequant_knots_pooled_slow": ("dilatequant_knots", ["method.tpq_init=pooled", "distill.lr_act_knots=0.0002"]),
+    "dilatequant_knots4_pooled": ("dilatequant_knots", ["method.tpq_knots=4", "method.tpq_init=pooled"]),
     "dilatequant_no_tpq_long": ("dilatequant_no_tpq", ["distill.steps_per_block=800"]),
     "dilatequant_knots_pooled_long": ("dilatequant_knots", ["method.tpq_init=pooled", "distill.steps_per_block=800"]),
 }
