@@ -160,6 +160,45 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
     return lines
 
 
+def tpq_forms(cells: dict[tuple[str, str], list[dict]], shared: str = "dilatequant_no_tpq") -> list[str]:
+    """Every per-step form of the activation parameters against the shared table, paired by seed, and
+    the share of the PTQ → FP FID gap each closes (mean FIDs of the ``ptq`` and ``fp`` rows)."""
+    lines = []
+    for b in BITS:
+        ref = {r["seed"]: r["fid"] for r in cells.get((shared, b), [])}
+        if len(ref) < 2:
+            continue
+        fp, ptq = cells.get(("fp", "fp")), cells.get(("ptq", b))
+        lo = statistics.mean(r["fid"] for r in fp) if fp else None
+        hi = statistics.mean(r["fid"] for r in ptq) if ptq else None
+        closure = lambda x: "–" if lo is None or hi is None else f"{100 * (hi - x) / (hi - lo):.0f} %"  # noqa: E731
+        lines += ["", f"### W{b[1]}A{b[3]}: each form vs the shared table (positive Δ = the form is worse)", "",
+                  "| form | seeds | FID | Δ mean vs shared | per-seed Δ (paired) | seeds ≤ shared | PTQ→FP gap closed |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {shared} (shared) | {len(ref)} | {mean_std(list(ref.values()))} | – | – | – | "
+                  f"{closure(statistics.mean(ref.values()))} |"]
+        for m in METHODS:
+            if not m.startswith("dilatequant") or m in (shared, "dilatequant_no_bkd", "dilatequant_no_wd") \
+                    or "no_tpq" in m:
+                continue
+            other = {r["seed"]: r["fid"] for r in cells.get((m, b), [])}
+            common = sorted(other.keys() & ref.keys())
+            if not common:
+                continue
+            d = [other[k] - ref[k] for k in common]
+            lines.append(f"| {m} | {len(other)} | {mean_std(list(other.values()))} | {statistics.mean(d):+.2f} | "
+                         f"{', '.join(f'{x:+.2f}' for x in d)} | {sum(x <= 0 for x in d)}/{len(d)} | "
+                         f"{closure(statistics.mean(other.values()))} |")
+        if lo is not None and hi is not None:
+            lines.append(f"\nGap: PTQ {hi:.2f} (mean of {len(ptq)} seeds) → FP {lo:.2f} (mean of {len(fp)}); "
+                         f"closed = (PTQ − FID) / (PTQ − FP), on mean FIDs.")
+    if lines:
+        lines.insert(0, "\n## Per-step activation parameters: the forms against one shared table\n\n"
+                        "Variants are named runs of one method with fixed overrides (`VARIANTS` in "
+                        "scripts/benchmark.py; docs/tpq.md says what each is).")
+    return lines
+
+
 def scaling_effect(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
     """What WD / SmoothQuant did to the activations, from the cells' per-layer scaling reports.
 
@@ -211,7 +250,10 @@ def report(runs: Path, out_md: Path, command: str) -> None:
                   + "; ".join(f"`{p}`" for p in protocols) + " — rows mixing them are not comparable."]
     else:
         lines += ["", f"Protocol (extra overrides on every cell): `{protocols[0] if protocols else 'defaults'}`."]
-    lines += comparison(cells) + scaling_effect(cells)
+    lines += comparison(cells) + tpq_forms(cells) + scaling_effect(cells)
+    if VARIANTS:
+        lines += ["", "Variants: " + "; ".join(f"`{k}` = `method={v[0]} {' '.join(v[1])}`"
+                                               for k, v in VARIANTS.items() if any(m == k for m, _ in cells)) + "."]
     earlier = out_md.with_name("results_earlier.md")
     if earlier.is_file():
         lines += ["", f"Methods and bit-widths missing above were measured with earlier code: [{earlier.name}]"
