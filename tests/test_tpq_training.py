@@ -81,3 +81,15 @@ def test_knot_deviations_get_their_own_learning_rate():
     assert not knot_ids & {id(p) for p in groups["act_8bit"]["params"]}
     default = param_groups(m, DistillConfig(lr_act=1e-3))
     assert not any(g["name"].startswith("act_knots") for g in default)  # None: they train with lr_act
+
+
+def test_more_knots_than_steps_become_one_per_step_and_are_recorded():
+    from dq.methods.base import Job
+    from dq.quant.config import QuantSpec
+
+    job = Job(teacher=None, quant=QuantSpec(), distill=DistillConfig(), timesteps=[900, 500, 100],
+              calibration=lambda: None, fit=lambda *a: {})
+    assert job.quant_config(False, 10).tpq_knots == 3 and job.quant_config(False, 2).tpq_knots == 2
+    assert job.notes == ["method.tpq_knots=10 > the sampler's 3 steps: one knot per step (K=3), the per-step "
+                         "table's expressiveness in the knot form"]
+    assert job.quant_config(True, 0).shared_tables

@@ -68,6 +68,14 @@ class Job:
     notes: list[str] = field(default_factory=list)  # what was filled in by rule on the way (results.json)
 
     def quant_config(self, shared_tables: bool, tpq_knots: int = 0) -> QuantConfig:
+        steps = len(self.timesteps)
+        if tpq_knots > steps and not shared_tables and steps:  # the default K on a short schedule
+            note = (f"method.tpq_knots={tpq_knots} > the sampler's {steps} steps: one knot per step (K={steps}), "
+                    f"the per-step table's expressiveness in the knot form")
+            if note not in self.notes:
+                log.info(note)
+                self.notes.append(note)
+            tpq_knots = steps
         try:
             return QuantConfig.from_spec(self.quant, self.timesteps, shared_tables, tpq_knots)
         except ValueError as e:
