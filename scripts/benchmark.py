@@ -27,18 +27,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["fp", "ptq", "lsq_qat", "efficientdm", "smoothquant_bkd", "dilatequant_no_wd", "dilatequant_no_tpq",
-           "dilatequant_no_bkd", "dilatequant_knots", "dilatequant"]
+           "dilatequant_no_bkd", "dilatequant_table", "dilatequant_knots", "dilatequant"]
 BITS = ["w4a4", "w4a8", "w6a6", "w8a8"]
 # Named variants: a method with fixed overrides (the per-step activation forms of docs/tpq.md).
 VARIANTS = {
-    "dilatequant_pooled": ("dilatequant", ["method.tpq_init=pooled"]),
-    "dilatequant_knots_pooled": ("dilatequant_knots", ["method.tpq_init=pooled"]),
+    "dilatequant_table_pooled": ("dilatequant_table", ["method.tpq_init=pooled"]),
+    "dilatequant_knots_pooled": ("dilatequant", ["method.tpq_knots=10"]),
+    "dilatequant_knots_pooled_slow": ("dilatequant", ["method.tpq_knots=10", "distill.lr_act_knots=0.0002"]),
     "dilatequant_stratified": ("dilatequant", ["distill.stratify_steps=true"]),
-    "dilatequant_smooth": ("dilatequant", ["distill.tpq_smooth=0.001"]),
-    "dilatequant_knots_pooled_slow": ("dilatequant_knots", ["method.tpq_init=pooled", "distill.lr_act_knots=0.0002"]),
-    "dilatequant_knots4_pooled": ("dilatequant_knots", ["method.tpq_knots=4", "method.tpq_init=pooled"]),
+    "dilatequant_table_smooth": ("dilatequant_table", ["distill.tpq_smooth=0.001"]),
     "dilatequant_no_tpq_long": ("dilatequant_no_tpq", ["distill.steps_per_block=800"]),
-    "dilatequant_knots_pooled_long": ("dilatequant_knots", ["method.tpq_init=pooled", "distill.steps_per_block=800"]),
+    "dilatequant_long": ("dilatequant", ["distill.steps_per_block=800"]),
 }
 METHODS += list(VARIANTS)
 

@@ -9,7 +9,8 @@ Cells are resumable (a cell with results.json is not rerun) and live under --run
 benchmarks/transfer). The DDIM-50 students are the benchmark grid's cells
 (``--grid`` benchmarks/<method>/w4a4/seed<seed>/student.safetensors: run scripts/benchmark.py first).
 
-    python scripts/tpq_transfer.py [--seed 0] [--methods dilatequant dilatequant_knots] [--matched dilatequant]
+    python scripts/tpq_transfer.py [--seed 0] [--methods dilatequant dilatequant_table dilatequant_knots]
+        [--matched dilatequant dilatequant_table]
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", default=["dilatequant", "dilatequant_knots"])
-    ap.add_argument("--matched", nargs="+", default=["dilatequant"],
+    ap.add_argument("--methods", nargs="+", default=["dilatequant", "dilatequant_table", "dilatequant_knots"])
+    ap.add_argument("--matched", nargs="+", default=["dilatequant", "dilatequant_table"],
                     help="methods that also get a student trained at each schedule (the others: moved only)")
     ap.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "transfer")
     ap.add_argument("--grid", type=Path, default=ROOT / "benchmarks")
