@@ -45,7 +45,6 @@ def test_method_runs_a_tiny_job(method, cfg_factory, tmp_path):
     from dq.tasks.quantize import run
 
     extra = [f"method.steps={WHOLE_MODEL_STEPS}"] if method in ("lsq_qat", "efficientdm") else []
-    extra += ["method.tpq_knots=2"] if method == "dilatequant_knots" else []  # its default 10 > the 4 steps here
     cfg = cfg_factory(*TINY, f"method={method}", *extra)
     m = typed(cfg, "method")
     summary = run(cfg)
@@ -64,9 +63,10 @@ def test_method_runs_a_tiny_job(method, cfg_factory, tmp_path):
     # activation tables: one row per sampler step (TPQ), or one shared row
     shared = _shared_tables(m)
     quantizers = [q for q in student.denoiser.modules() if isinstance(q, TemporalActQuantizer)]
-    if getattr(m, "tpq_knots", 0):  # the continuous form: 4 steps read from 2 knots (+ the shared 8-bit ones)
+    if getattr(m, "tpq_knots", 0) and not shared:  # the continuous form: 4 steps read from K ≤ 4 knots
         assert {q.num_steps for q in quantizers if q.delta.shape[0] == 1 and hasattr(q, "knot_t")} == {4}
-        assert {q.knot_t.numel() for q in quantizers if hasattr(q, "knot_t")} == {2}
+        assert {q.knot_t.numel() for q in quantizers if hasattr(q, "knot_t")} == {min(m.tpq_knots, 4)}
+        assert any("one knot per step (K=4)" in n for n in results["notes"]) == (m.tpq_knots > 4)
     else:
         rows = {q.delta.shape[0] for q in quantizers}
         assert rows == ({1} if shared else {4}) and meta["quant"]["shared_tables"] == shared
