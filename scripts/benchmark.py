@@ -187,7 +187,7 @@ def tpq_forms(cells: dict[tuple[str, str], list[dict]], shared: str = "dilatequa
             d = [other[k] - ref[k] for k in common]
             lines.append(f"| {m} | {len(other)} | {mean_std(list(other.values()))} | {statistics.mean(d):+.2f} | "
                          f"{', '.join(f'{x:+.2f}' for x in d)} | {sum(x <= 0 for x in d)}/{len(d)} | "
-                         f"{closure(statistics.mean(other.values()))} |")
+                         f"{closure(statistics.mean(other.values())) if len(other) == len(ref) else '–'} |")
         if lo is not None and hi is not None:
             lines.append(f"\nGap: PTQ {hi:.2f} (mean of {len(ptq)} seeds) → FP {lo:.2f} (mean of {len(fp)}); "
                          f"closed = (PTQ − FID) / (PTQ − FP), on mean FIDs.")
