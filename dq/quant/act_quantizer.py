@@ -127,14 +127,14 @@ class TemporalActQuantizer(nn.Module):
     def roughness(self) -> Tensor:
         """Σ of squared second differences along the steps of log Δ and of z (in steps of the integer grid):
         0 for curves linear in the step (and for shared tables). A smoothness penalty for training."""
-        d, z = self._curve()
-        if d.shape[0] < 3:
-            return d.new_zeros(())
-        return sum((v[2:] - 2 * v[1:-1] + v[:-2]).pow(2).sum() for v in (d.clamp_min(DELTA_MIN).log(), z))
+        log_d, z = self._log_curve()
+        if log_d.shape[0] < 3:
+            return log_d.new_zeros(())
+        return sum((v[2:] - 2 * v[1:-1] + v[:-2]).pow(2).sum() for v in (log_d, z))
 
-    def _curve(self) -> tuple[Tensor, Tensor]:
-        """The trainable per-step curves (Δ, z) along the steps (a subclass: along its knots)."""
-        return self.delta, self.zero_point
+    def _log_curve(self) -> tuple[Tensor, Tensor]:
+        """The trainable per-step curves (log Δ, z) along the steps (a subclass: along its knots)."""
+        return self.delta.clamp_min(DELTA_MIN).log(), self.zero_point
 
     def _table_shape(self) -> tuple[int, ...]:
         """Shape of the per-step tables calibration produces: [T] or [T, H]."""

@@ -73,10 +73,8 @@ class KnotActQuantizer(TemporalActQuantizer):
             raise RuntimeError("KnotActQuantizer needs the model's StepIndex with the sampler's timesteps")
         return si.timesteps[rows]
 
-    def _rows(self, x: Tensor) -> Tensor | None:
-        if self._calib is not None and self.num_knots == 1:
-            return None  # K = 1 is one shared table: pool the statistics of every step
-        return super()._rows(x)
+    def start_calibration(self, samples_per_row: int = 0, seed: int = 0, pooled: bool = False) -> None:
+        super().start_calibration(samples_per_row, seed, pooled or self.num_knots == 1)  # K = 1: one shared table
 
     def _row_params(self, rows: Tensor | None) -> tuple[Tensor, Tensor]:
         base_d = self.delta.clamp_min(DELTA_MIN)
@@ -85,19 +83,15 @@ class KnotActQuantizer(TemporalActQuantizer):
         w = hat_weights(self.knot_t, self._raw_t(rows)).to(self.log_scale.dtype)  # [B', K]
         return base_d * torch.exp(w @ self.log_scale), self.zero_point + w @ self.zp_offset  # [B'] or [B', H]
 
-    def _curve(self) -> tuple[Tensor, Tensor]:
-        return self.log_scale.exp(), self.zp_offset  # r and o at the evenly spaced knots
-
-    def _table_shape(self) -> tuple[int, ...]:
-        steps = 1 if self.num_knots == 1 else self.num_steps
-        return (steps,) if self.heads is None else (steps, self.heads)
+    def _log_curve(self) -> tuple[Tensor, Tensor]:
+        return self.log_scale, self.zp_offset  # r and o at the evenly spaced knots
 
     @torch.no_grad()
     def _load_tables(self, delta: Tensor, zero_point: Tensor) -> None:
         """Fit the knot form to calibrated per-step tables: Δ_shared = their geometric mean, z_shared the
         mean; r and o by least squares at the trained timesteps (exact interpolation for K = T)."""
         same = all(torch.equal(v, v[:1].expand_as(v)) for v in (delta, zero_point))
-        if self.num_knots == 1 or same:  # one pooled table (or equal rows): take it as is, r = o = 0 exactly
+        if same:  # one pooled table (always for K = 1): take it as is, r = o = 0 exactly
             self.delta.copy_(delta[:1])
             self.zero_point.copy_(zero_point[:1])
             self.log_scale.zero_()
