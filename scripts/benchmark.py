@@ -38,6 +38,8 @@ VARIANTS = {
     "dilatequant_table_smooth": ("dilatequant_table", ["distill.tpq_smooth=0.001"]),
     "dilatequant_no_tpq_long": ("dilatequant_no_tpq", ["distill.steps_per_block=800"]),
     "dilatequant_long": ("dilatequant", ["distill.steps_per_block=800"]),
+    "dilatequant_model400": ("dilatequant", ["distill.model_steps=400"]),
+    "dilatequant_no_tpq_model400": ("dilatequant_no_tpq", ["distill.model_steps=400"]),
 }
 METHODS += list(VARIANTS)
 

@@ -71,9 +71,42 @@ def test_curriculum_covers_every_block_once_in_order():
     assert sub.block_position(2) == (1, 2, 0)
 
 
+def test_model_stage_follows_the_blocks_with_its_own_length_and_cosine():
+    module = BlockDistiller(build_arch("unet2d").denoiser, build_arch("unet2d").denoiser,
+                            DistillConfig(steps_per_block=2, blocks=["stem", "up.1"], model_steps=4))
+    assert module.total_steps == 2 * 2 + 4
+    assert [module.block_name(s) for s in range(module.total_steps)] == ["stem"] * 2 + ["up.1"] * 2 + ["model"] * 4
+    assert module.block_index(7) == module.MODEL == len(module.student_blocks)
+    assert module.block_position(5) == (2, 3, 1) and module.stage_length(5) == 4 and module.stage_length(1) == 2
+    assert [s for s in range(module.total_steps + 1) if module.block_ends_at(s)] == [2, 4, 8]
+    # cosine restarts at each stage and spans the stage's own length
+    assert [round(module.lr_factor(s), 6) for s in (4, 5, 6, 7)] == [1.0, round(0.5 * (1 + 2 ** -0.5), 6), 0.5,
+                                                                     round(0.5 * (1 - 2 ** -0.5), 6)]
+    assert module.lr_factor(2) == 1.0 and module.lr_factor(3) == 0.5
+
+
+def test_model_stage_loss_is_the_output_mse_and_trains_every_block(tmp_path):
+    teacher, calib, qcfg, student = tiny_setup(tmp_path)
+    cfg = DistillConfig(steps_per_block=1, blocks=["mid"], model_steps=3)
+    module = fit(student, teacher, calib, cfg)
+    batch = calib.batch(torch.arange(8))
+    with torch.no_grad():
+        expect = torch.nn.functional.mse_loss(module.family.forward(student, batch["x"], batch["t"]),
+                                              module.family.forward(teacher.denoiser, batch["x"], batch["t"]))
+        assert torch.allclose(module.block_loss(batch, module.MODEL), expect, rtol=1e-5, atol=0)
+    state = module.optimizers().optimizer.state  # the model stage's Adam moments cover every block
+    trained = {id(p) for p in state}
+    for k, b in enumerate(module.student_blocks):
+        assert trained & {id(p) for p in b.parameters()}, b.name
+
+
 def test_bad_distill_config():
     with pytest.raises(DQError, match="distill.input"):
         DistillConfig(input="oracle")
+    with pytest.raises(DQError, match=r"distill.model_steps=-1 must be >= 0"):
+        DistillConfig(model_steps=-1)
+    with pytest.raises(DQError, match=r"distill.model_steps=5 .*granularity=model already trains the whole model"):
+        DistillConfig(model_steps=5, granularity="model")
 
 
 class LossRecorder(L.Callback):
@@ -122,11 +155,11 @@ def test_each_block_loss_decreases_on_the_embedded_teacher(tmp_path, cfg_factory
 
 @pytest.mark.e2e
 def test_resume_mid_curriculum_gives_the_same_student(tmp_path):
-    cfg = DistillConfig(steps_per_block=2)
+    cfg = DistillConfig(steps_per_block=2, blocks=["down.0", "mid", "up.1"], model_steps=3)
     teacher, calib, qcfg, student = tiny_setup(tmp_path)
     s_full, s_part = copy.deepcopy(student), copy.deepcopy(student)
     fit(s_full, teacher, calib, cfg)
-    fit(s_part, teacher, calib, cfg, max_steps=7, ckpt_dir=tmp_path / "ck")  # stops inside block 3
+    fit(s_part, teacher, calib, cfg, max_steps=7, ckpt_dir=tmp_path / "ck")  # stops inside the model stage
     s_resumed = copy.deepcopy(student)  # a fresh process would rebuild this from config
     fit(s_resumed, teacher, calib, cfg, ckpt_dir=tmp_path / "ck2", ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
     full, resumed, part = s_full.state_dict(), s_resumed.state_dict(), s_part.state_dict()

@@ -13,10 +13,17 @@ Only block k's parameters get gradients, and when block k starts the Adam moment
 blocks are dropped (they never train again), so training memory is that of one block. Its weights,
 Δ_w and per-step activation tables (Δ_x, z_x) train together, each with its own learning rate.
 
+``distill.model_steps=N`` appends one more stage to the curriculum: N steps of the whole student against
+the teacher's output (every parameter trains; the loss is the MSE of the denoiser's output). Block-wise
+training matches each block on the inputs it is given; this stage corrects what the blocks' small
+errors add up to at the output. The curriculum is a list of stages (block k or the whole model, each
+with its step count), still a pure function of ``global_step``.
+
 The teacher is held outside the module registry: it is not in the checkpoint and DDP never wraps it.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -55,6 +62,7 @@ class DistillConfig:
     cache_mb: float = 4096             # memory for the block inputs of the calibration set; 0 = recompute
     stratify_steps: bool = False       # batches spread evenly over the sampler's steps (not uniform draws)
     tpq_smooth: float = 0.0            # λ · Σ roughness of the block's per-step activation curves, added to the loss
+    model_steps: int = 0               # a last stage of N steps distilling the whole model's output (0: none)
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_MODES:
@@ -64,6 +72,12 @@ class DistillConfig:
         for name in ("steps_per_block", "batch_size", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise DQError(f"distill.{name}={getattr(self, name)} must be >= 1")
+        if self.model_steps < 0:
+            raise DQError(f"distill.model_steps={self.model_steps} must be >= 0 (0: no whole-model stage)")
+        if self.model_steps and self.granularity == "model":
+            raise DQError(f"distill.model_steps={self.model_steps} adds a whole-model stage after the blocks, but "
+                          f"distill.granularity=model already trains the whole model: set distill.model_steps=0 "
+                          f"(and distill.steps_per_block for its length) or distill.granularity=block|module")
         if self.tpq_smooth < 0:
             raise DQError(f"distill.tpq_smooth={self.tpq_smooth} must be >= 0 (0: no smoothness penalty)")
         object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -122,6 +136,14 @@ class BlockDistiller(L.LightningModule):
         self.student_blocks = self.family.blocks(student, cfg.granularity)
         self.teacher_blocks = self.family.blocks(teacher, cfg.granularity)
         self.schedule = select_blocks(self.student_blocks, list(cfg.blocks))
+        # The curriculum: one stage per scheduled block, then (model_steps) the whole model. A stage is an
+        # index into student_blocks; MODEL (one past the last block) stands for the whole-model stage.
+        self.MODEL = len(self.student_blocks)
+        self.stages = list(self.schedule) + ([self.MODEL] if cfg.model_steps else [])
+        self.stage_lengths = [cfg.steps_per_block] * len(self.schedule) + ([cfg.model_steps] if cfg.model_steps else [])
+        self.stage_starts = [sum(self.stage_lengths[:i]) for i in range(len(self.stages))]
+        self.model_pair = ((self.family.blocks(student, "model")[0], self.family.blocks(teacher, "model")[0])
+                           if cfg.model_steps else None)
         self.ranks_identical: bool | None = None
         self.cache = None if inputs is None else PrefixCache(
             inputs, self.family.initial_state, student, self.student_blocks, self.teacher_blocks,
@@ -130,30 +152,43 @@ class BlockDistiller(L.LightningModule):
     # ---------------------------------------------------------------- curriculum (pure in global_step)
     @property
     def total_steps(self) -> int:
-        return len(self.schedule) * self.cfg.steps_per_block
+        return sum(self.stage_lengths)
+
+    def _stage(self, step: int) -> int:
+        """Position in the curriculum of the stage that trains at optimisation step ``step``."""
+        return min(max(bisect.bisect_right(self.stage_starts, step) - 1, 0), len(self.stages) - 1)
 
     def block_index(self, step: int) -> int:
-        """Index into the model's blocks trained at optimisation step ``step``."""
-        return self.schedule[min(step // self.cfg.steps_per_block, len(self.schedule) - 1)]
+        """Index into the model's blocks trained at optimisation step ``step`` (``MODEL``: the whole model)."""
+        return self.stages[self._stage(step)]
 
     def block_name(self, step: int) -> str:
-        """Name of the block trained at optimisation step ``step``."""
-        return self.student_blocks[self.block_index(step)].name
+        """Name of the block trained at optimisation step ``step`` ("model" in the whole-model stage)."""
+        k = self.block_index(step)
+        return "model" if k == self.MODEL else self.student_blocks[k].name
 
     def block_position(self, step: int) -> tuple[int, int, int]:
-        """(position of step's block in the curriculum from 0, number of blocks, steps done in it before ``step``)."""
-        pos = min(step // self.cfg.steps_per_block, len(self.schedule) - 1)
-        return pos, len(self.schedule), step - pos * self.cfg.steps_per_block
+        """(position of step's stage in the curriculum from 0, number of stages, steps done in it before ``step``)."""
+        pos = self._stage(step)
+        return pos, len(self.stages), step - self.stage_starts[pos]
+
+    def stage_length(self, step: int) -> int:
+        """Optimisation steps of the stage that trains at ``step``."""
+        return self.stage_lengths[self._stage(step)]
 
     def block_ends_at(self, step: int) -> bool:
-        """Whether a block's last optimisation step is ``step - 1`` (``step`` steps taken so far)."""
-        return step > 0 and step % self.cfg.steps_per_block == 0
+        """Whether a stage's last optimisation step is ``step - 1`` (``step`` steps taken so far)."""
+        return step > 0 and (step in self.stage_starts or step == self.total_steps)
 
     def lr_factor(self, step: int) -> float:
         if not self.cfg.cosine:
             return 1.0
-        pos = (step % self.cfg.steps_per_block) / self.cfg.steps_per_block
-        return 0.5 * (1.0 + math.cos(math.pi * pos))
+        pos, _, done = self.block_position(step)
+        return 0.5 * (1.0 + math.cos(math.pi * done / self.stage_lengths[pos]))
+
+    def stage_parameters(self, k: int):
+        """The parameters stage ``k`` trains (a block's, or the whole student's)."""
+        return self.student.parameters() if k == self.MODEL else self.student_blocks[k].parameters()
 
     # ------------------------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -166,6 +201,13 @@ class BlockDistiller(L.LightningModule):
         state = self.family.initial_state(batch["x"], batch["t"], batch.get("cond"))
         step_index = self.student.dq_step_index
         rows = rows_of(self.student, batch["t"])
+        if k == self.MODEL:  # the whole-model stage: the denoiser's output against the teacher's
+            student_model, teacher_model = self.model_pair
+            with torch.no_grad():
+                target = teacher_model(state).new
+            with step_index.use(rows):
+                out = student_model(state).new
+            return self._loss(out, target, [self.student])
         cached = None if self.cache is None or k == 0 else self.cache.inputs_of(k, batch["idx"], batch["x"].device)
         with torch.no_grad():
             if cached is not None:  # prefixes (and targets) from the cache: no teacher work per step
@@ -183,19 +225,23 @@ class BlockDistiller(L.LightningModule):
             inp = inp.detach()
         with step_index.use(rows):
             out = self.student_blocks[k](inp).new
+        return self._loss(out, target, self.student_blocks[k].modules)
+
+    def _loss(self, out, target, modules: list[nn.Module]) -> torch.Tensor:
+        """Mean MSE over the outputs, plus the smoothness penalty on the per-step tables in ``modules``."""
         loss = sum(F.mse_loss(o, t) for o, t in zip(out, target)) / len(out)
         if self.cfg.tpq_smooth:
-            loss = loss + self.cfg.tpq_smooth * sum(q.roughness() for m in self.student_blocks[k].modules
+            loss = loss + self.cfg.tpq_smooth * sum(q.roughness() for m in modules
                                                     for q in m.modules() if isinstance(q, TemporalActQuantizer))
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step = self.global_step
         k = self.block_index(step)
-        name = self.student_blocks[k].name
+        name = self.block_name(step)
         opt = self.optimizers()
-        if step % self.cfg.steps_per_block == 0:  # a block starts (also right after a resume at a boundary)
-            keep_optimizer_state(opt.optimizer, self.student_blocks[k].parameters())
+        if step in self.stage_starts:  # a stage starts (also right after a resume at a boundary)
+            keep_optimizer_state(opt.optimizer, self.stage_parameters(k))
         factor = self.lr_factor(step)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor

@@ -30,7 +30,7 @@ class BlockProgressBar(L.Callback):
         if k != self.block:
             self._close()
             pos, total, done = module.block_position(step)
-            self.bar = progress(total=module.cfg.steps_per_block, initial=done, unit="steps",
+            self.bar = progress(total=module.stage_length(step), initial=done, unit="steps",
                                 desc=f"block {module.block_name(step)} ({pos + 1}/{total})")
             self.block, self.name, self.started = k, module.block_name(step), time.time()
         self.bar.update(1)

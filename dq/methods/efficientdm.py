@@ -86,11 +86,11 @@ def run(job: Job, cfg: EfficientDMConfig) -> Student:
             if isinstance(m.zero_point, nn.Parameter):
                 m.zero_point.requires_grad_(True)
     adapters = add_lora(student, cfg.rank, cfg.alpha)
-    dcfg = dataclasses.replace(job.distill, granularity="model", steps_per_block=cfg.steps, blocks=(),
+    dcfg = dataclasses.replace(job.distill, granularity="model", steps_per_block=cfg.steps, blocks=(), model_steps=0,
                                lr_weights=cfg.lr_lora)
     train = job.fit(student, dcfg)
     merge_lora(student)
     note = (f"efficientdm distils the whole model for method.steps={cfg.steps} steps with rank-{cfg.rank} "
             f"LoRA ({adapters} adapter parameters, merged after training); distill.granularity and "
-            f"distill.steps_per_block are not used")
+            f"distill.steps_per_block and distill.model_steps are not used")
     return Student(student, qcfg, {**train, "lora_parameters": adapters}, notes=[note])

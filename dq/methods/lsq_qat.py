@@ -29,7 +29,7 @@ def run(job: Job, cfg: LSQQATConfig) -> Student:
     student, qcfg = job.prepare(cfg.shared_tables)
     if not job.resume:
         job.calibrate(student, cfg.calib_method)
-    dcfg = dataclasses.replace(job.distill, granularity="model", steps_per_block=cfg.steps, blocks=())
+    dcfg = dataclasses.replace(job.distill, granularity="model", steps_per_block=cfg.steps, blocks=(), model_steps=0)
     note = (f"lsq_qat trains the whole model for method.steps={cfg.steps} steps (distill.granularity and "
-            f"distill.steps_per_block are not used)")
+            f"distill.steps_per_block, distill.model_steps are not used)")
     return Student(student, qcfg, job.fit(student, dcfg), notes=[note])
