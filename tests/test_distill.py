@@ -13,7 +13,7 @@ from dq.distill.callbacks import PeriodicCheckpoint
 
 from conftest import ROOT
 from dq.config import typed
-from dq.data.calibration import CalibConfig, CalibrationDataModule, load_or_generate
+from dq.data.calibration import CalibConfig, CalibrationDataModule, generate, load_or_generate
 from dq.distill.bkd import BlockDistiller, DistillConfig
 from dq.errors import DQError
 from dq.models.checkpoint import load_student, read_meta, save_student
@@ -42,9 +42,14 @@ def tiny_setup(tmp_path, arch="unet2d", bits=4):
     return teacher, calib, qcfg, student
 
 
+def resampler(teacher):
+    """What dq.tasks.quantize passes: the calibration set's x_t on a student's own trajectories."""
+    return lambda s: generate(dataclasses.replace(teacher, denoiser=s), SAMPLER, CALIB).x
+
+
 def fit(student, teacher, calib, cfg, max_steps=None, ckpt_dir=None, ckpt_path=None, callbacks=()):
     student.train().requires_grad_(True)  # parameters that do not require grad are not trained
-    module = BlockDistiller(student, teacher.denoiser, cfg)
+    module = BlockDistiller(student, teacher.denoiser, cfg, resample=resampler(teacher))
     dm = CalibrationDataModule(calib, 8, module.total_steps, seed=0)
     cbs = list(callbacks)
     if ckpt_dir is not None:
@@ -100,9 +105,25 @@ def test_model_stage_loss_is_the_output_mse_and_trains_every_block(tmp_path):
         assert trained & {id(p) for p in b.parameters()}, b.name
 
 
+def test_model_stage_on_student_trajectories_keeps_the_calibration_picks(tmp_path):
+    teacher, calib, qcfg, student = tiny_setup(tmp_path)
+    cfg = DistillConfig(steps_per_block=1, blocks=["mid"], model_steps=2, model_trajectory="student")
+    module = fit(student, teacher, calib, cfg)
+    x = module.trajectory_x
+    assert x.shape == calib.x.shape
+    first = calib.t == max(calib.timesteps)  # every trajectory starts from the same noise
+    assert first.any() and torch.equal(x[first], calib.x[first])
+    later = calib.t == min(calib.timesteps)  # the quantized student ends elsewhere than the teacher
+    assert not torch.allclose(x[later], calib.x[later], atol=1e-3)
+    with pytest.raises(DQError, match="model_trajectory=student needs the run's sampler"):
+        BlockDistiller(student, teacher.denoiser, cfg)
+
+
 def test_bad_distill_config():
     with pytest.raises(DQError, match="distill.input"):
         DistillConfig(input="oracle")
+    with pytest.raises(DQError, match=r"distill.model_trajectory.*'own'.*teacher, student"):
+        DistillConfig(model_trajectory="own")
     with pytest.raises(DQError, match=r"distill.model_steps=-1 must be >= 0"):
         DistillConfig(model_steps=-1)
     with pytest.raises(DQError, match=r"distill.model_steps=5 .*granularity=model already trains the whole model"):
@@ -155,7 +176,7 @@ def test_each_block_loss_decreases_on_the_embedded_teacher(tmp_path, cfg_factory
 
 @pytest.mark.e2e
 def test_resume_mid_curriculum_gives_the_same_student(tmp_path):
-    cfg = DistillConfig(steps_per_block=2, blocks=["down.0", "mid", "up.1"], model_steps=3)
+    cfg = DistillConfig(steps_per_block=2, blocks=["down.0", "mid", "up.1"], model_steps=3, model_trajectory="student")
     teacher, calib, qcfg, student = tiny_setup(tmp_path)
     s_full, s_part = copy.deepcopy(student), copy.deepcopy(student)
     fit(s_full, teacher, calib, cfg)

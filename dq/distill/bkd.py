@@ -16,7 +16,10 @@ blocks are dropped (they never train again), so training memory is that of one b
 ``distill.model_steps=N`` appends one more stage to the curriculum: N steps of the whole student against
 the teacher's output (every parameter trains; the loss is the MSE of the denoiser's output). Block-wise
 training matches each block on the inputs it is given; this stage corrects what the blocks' small
-errors add up to at the output. The curriculum is a list of stages (block k or the whole model, each
+errors add up to at the output. With ``distill.model_trajectory=student`` its inputs x_t are the student's
+own trajectories — sampled by the student when the stage starts, from the calibration set's noise, at the
+same (trajectory, step) picks — so it learns to match the teacher where it actually samples, not only
+on the teacher's path (the per-step error measurements of docs/tpq.md). The curriculum is a list of stages (block k or the whole model, each
 with its step count), still a pure function of ``global_step``.
 
 The teacher is held outside the module registry: it is not in the checkpoint and DDP never wraps it.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import lightning as L
 import torch
@@ -42,6 +45,7 @@ from dq.quant.knots import KnotActQuantizer
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
 
 INPUT_MODES = ("student", "teacher")
+TRAJECTORIES = ("teacher", "student")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class DistillConfig:
     stratify_steps: bool = False       # batches spread evenly over the sampler's steps (not uniform draws)
     tpq_smooth: float = 0.0            # λ · Σ roughness of the block's per-step activation curves, added to the loss
     model_steps: int = 0               # a last stage of N steps distilling the whole model's output (0: none)
+    model_trajectory: str = field(default="teacher", metadata={"choices": TRAJECTORIES})  # that stage's x_t
 
     def __post_init__(self) -> None:
         if self.input not in INPUT_MODES:
@@ -72,6 +77,8 @@ class DistillConfig:
         for name in ("steps_per_block", "batch_size", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise DQError(f"distill.{name}={getattr(self, name)} must be >= 1")
+        if self.model_trajectory not in TRAJECTORIES:
+            raise choice_error("distill.model_trajectory", self.model_trajectory, TRAJECTORIES)
         if self.model_steps < 0:
             raise DQError(f"distill.model_steps={self.model_steps} must be >= 0 (0: no whole-model stage)")
         if self.model_steps and self.granularity == "model":
@@ -124,9 +131,12 @@ def param_groups(student: nn.Module, cfg: DistillConfig) -> list[dict[str, Any]]
 
 class BlockDistiller(L.LightningModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig,
-                 inputs: dict[str, torch.Tensor] | None = None) -> None:
+                 inputs: dict[str, torch.Tensor] | None = None,
+                 resample: Callable[[nn.Module], torch.Tensor] | None = None) -> None:
         """``inputs``: the whole calibration set ({"x", "t"(, "cond")}); batches then carry "idx" into it,
-        and the block inputs are cached (``cfg.cache_mb``) instead of recomputed every step."""
+        and the block inputs are cached (``cfg.cache_mb``) instead of recomputed every step.
+        ``resample(student)``: the calibration set's x_t on the student's own trajectories (same noise, same
+        picks, index for index); needed by ``model_trajectory=student``."""
         super().__init__()
         self.automatic_optimization = False
         self.cfg = cfg
@@ -144,6 +154,12 @@ class BlockDistiller(L.LightningModule):
         self.stage_starts = [sum(self.stage_lengths[:i]) for i in range(len(self.stages))]
         self.model_pair = ((self.family.blocks(student, "model")[0], self.family.blocks(teacher, "model")[0])
                            if cfg.model_steps else None)
+        if cfg.model_steps and cfg.model_trajectory == "student" and resample is None:
+            raise DQError("distill.model_trajectory=student needs the run's sampler to resample the student's "
+                          "trajectories (BlockDistiller(resample=...)); dq.distill.fit passes it")
+        self.resample = resample
+        self.input_shape = None if inputs is None else tuple(inputs["x"].shape)
+        self.trajectory_x: torch.Tensor | None = None  # the student's x_t, set when the model stage starts
         self.ranks_identical: bool | None = None
         self.cache = None if inputs is None else PrefixCache(
             inputs, self.family.initial_state, student, self.student_blocks, self.teacher_blocks,
@@ -203,6 +219,9 @@ class BlockDistiller(L.LightningModule):
         rows = rows_of(self.student, batch["t"])
         if k == self.MODEL:  # the whole-model stage: the denoiser's output against the teacher's
             student_model, teacher_model = self.model_pair
+            if self.cfg.model_trajectory == "student":
+                x = self.trajectory_x[batch["idx"].cpu()].to(batch["x"])
+                state = self.family.initial_state(x, batch["t"], batch.get("cond"))
             with torch.no_grad():
                 target = teacher_model(state).new
             with step_index.use(rows):
@@ -235,6 +254,28 @@ class BlockDistiller(L.LightningModule):
                                                     for q in m.modules() if isinstance(q, TemporalActQuantizer))
         return loss
 
+    @torch.no_grad()
+    def student_trajectories(self) -> torch.Tensor:
+        """The calibration inputs' x_t as the student samples them now (kept in the checkpoint: a resumed
+        run trains on exactly these, not on trajectories of a student that trained on)."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            x = self.resample(self.student).cpu()
+        finally:
+            self.student.train(was_training)
+        if self.input_shape is not None and tuple(x.shape) != self.input_shape:
+            raise DQError(f"resampled student trajectories have shape {tuple(x.shape)}, the calibration set "
+                          f"{self.input_shape}: resample must follow the calibration set's picks")
+        return x
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.trajectory_x is not None:
+            checkpoint["dq_student_trajectory_x"] = self.trajectory_x
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.trajectory_x = checkpoint.get("dq_student_trajectory_x")
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step = self.global_step
         k = self.block_index(step)
@@ -242,6 +283,8 @@ class BlockDistiller(L.LightningModule):
         opt = self.optimizers()
         if step in self.stage_starts:  # a stage starts (also right after a resume at a boundary)
             keep_optimizer_state(opt.optimizer, self.stage_parameters(k))
+        if k == self.MODEL and self.cfg.model_trajectory == "student" and self.trajectory_x is None:
+            self.trajectory_x = self.student_trajectories()
         factor = self.lr_factor(step)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -23,6 +23,7 @@ class FitRun:
     logger: Any = False
     callbacks: list[L.Callback] = field(default_factory=list)
     resume: str | None = None                   # a checkpoints/last.ckpt to continue from
+    resample: Callable[[torch.nn.Module], torch.Tensor] | None = None  # student → calib x_t on its trajectories
 
 
 def fit(student: torch.nn.Module, teacher: torch.nn.Module, calib: CalibrationSet, dcfg: DistillConfig,
@@ -30,7 +31,7 @@ def fit(student: torch.nn.Module, teacher: torch.nn.Module, calib: CalibrationSe
     """Distil ``student`` from ``teacher`` on ``calib`` (in place); returns what results.json records."""
     student.train()  # which parameters train is the method's choice (requires_grad)
     inputs = {"x": calib.x, "t": calib.t, **({"cond": calib.cond} if calib.cond is not None else {})}
-    module = BlockDistiller(student, teacher, dcfg, inputs=inputs)
+    module = BlockDistiller(student, teacher, dcfg, inputs=inputs, resample=run.resample)
     dm = CalibrationDataModule(calib, dcfg.batch_size, module.total_steps, run.seed, dcfg.stratify_steps)
     bar = BlockProgressBar()
     callbacks = [PeriodicCheckpoint(run.out / "checkpoints", dcfg.ckpt_every), bar, RankConsistency(), *run.callbacks]

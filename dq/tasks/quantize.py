@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import resource
@@ -22,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dq.config import typed
-from dq.data.calibration import load_or_generate
+from dq.data.calibration import generate, load_or_generate
 from dq.distill.callbacks import act_tables, is_wandb
 from dq.distill.fit import FitRun, fit
 from dq.errors import DQError
@@ -80,7 +81,8 @@ def make_job(cfg: DictConfig, teacher: DiffusionModel, out: Path, logger: Any, t
     fid = fid_callback(typed(cfg, "callbacks").fid, teacher, sampler, typed(cfg, "metrics"), typed(cfg, "data"),
                        str(cfg.paths.cache_dir), int(cfg.seed), out_dir=out)
     run = FitRun(out=out, seed=int(cfg.seed), trainer=trainer_kwargs(cfg), logger=logger,
-                 callbacks=[fid] if fid else [], resume=str(resume) if resume else None)
+                 callbacks=[fid] if fid else [], resume=str(resume) if resume else None,
+                 resample=lambda student: generate(dataclasses.replace(teacher, denoiser=student), sampler, calib_cfg).x)
     check_guidance(teacher, calib_cfg.guidance_scale, "calib.guidance_scale")
     notes = conditioning_notes(teacher)
     for note in notes:
