@@ -40,6 +40,8 @@ VARIANTS = {
     "dilatequant_long": ("dilatequant", ["distill.steps_per_block=800"]),
     "dilatequant_model400": ("dilatequant", ["distill.model_steps=400"]),
     "dilatequant_no_tpq_model400": ("dilatequant_no_tpq", ["distill.model_steps=400"]),
+    "dilatequant_traj1024": ("dilatequant", ["calib.n_trajectories=1024"]),
+    "dilatequant_no_tpq_traj1024": ("dilatequant_no_tpq", ["calib.n_trajectories=1024"]),
     "dilatequant_model400_own": ("dilatequant", ["distill.model_steps=400", "distill.model_trajectory=student"]),
     "dilatequant_no_tpq_model400_own": ("dilatequant_no_tpq", ["distill.model_steps=400",
                                                               "distill.model_trajectory=student"]),

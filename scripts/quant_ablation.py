@@ -1,0 +1,190 @@
+"""Which quantizers cost the FID: one trained student sampled with its weight or activation quantizers off.
+
+    python scripts/quant_ablation.py --student benchmarks/dilatequant/w4a4/seed0/student.safetensors
+
+Rows (same sampler, noise and reference for all; the cells' protocol: DDIM 50, 1,000 images, seed 0,
+digits features):
+
+    fp            the FP teacher
+    student       the student as trained (weights and activations quantized)
+    weights_only  activation quantizers off: the student's quantized weights on float activations
+    acts_only     weight quantizers off: the student's float (trained) weights, quantized activations
+    float         both off: only what distillation did to the float weights
+
+The student's FID minus ``weights_only`` is what its activation quantization costs after training,
+and so on. Writes a table and ``--out`` (JSON) with every row and the command.
+
+``--per-block`` instead locates the activation error: for each distillation block (stem, down.i, mid,
+up.i, head) a copy of the student with that block's activation quantizers off, sampled from the same
+noise as the teacher (``--per-block-images`` images, DDIM as trained); the table gives each copy's x_0
+error ‖x_S − x_T‖²/‖x_T‖² (scripts/step_error.py's accumulated error at the last step) and the share
+of the student's error that block's activations account for. ``--within BLOCK`` breaks one block down
+further, by layer kind (the quantized layer's own name: conv1, conv_shortcut, time_emb_proj, to_q, …;
+every layer of that kind in the block goes float together) — and, for comparison, that kind in the
+whole model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dq.errors import DQError  # noqa: E402
+
+ROWS = ("fp", "student", "weights_only", "acts_only", "float")
+STATES = {"student": (True, True), "weights_only": (True, False), "acts_only": (False, True), "float": (False, False)}
+
+
+def ablate(denoiser, row: str):
+    """A copy of a quantized ``denoiser`` with the quantizers of ``row`` (a key of STATES) switched off."""
+    from dq.quant.quantizers import set_quant_state
+
+    if row not in STATES:
+        raise DQError(f"row {row!r} is not a student row; valid choices: {', '.join(STATES)}")
+    m = copy.deepcopy(denoiser)
+    set_quant_state(m, weight=STATES[row][0], act=STATES[row][1])
+    return m
+
+
+def block_ablations(denoiser) -> dict:
+    """{"student": a copy, "weights_only": …, "<block>": a copy with that block's activation quantizers off}."""
+    from dq.models.families import family_of
+
+    out = {"student": ablate(denoiser, "student"), "weights_only": ablate(denoiser, "weights_only")}
+    for b in family_of(denoiser).blocks(denoiser, "block"):
+        names = {n for mod in b.modules for n, q in denoiser.named_modules() if q is mod}
+        out[b.name] = _off(denoiser, lambda n, names=names: any(n == p or n.startswith(p + ".") for p in names))
+    return out
+
+
+def _kind(name: str) -> str:
+    """Layer kind of an activation quantizer's name: "up_blocks.2.resnets.0.conv1.act_quant" → "conv1"."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    return parts[-2] if len(parts) > 1 else parts[-1]
+
+
+def _off(denoiser, pick):
+    from dq.quant.quantizers import TemporalActQuantizer
+
+    m = copy.deepcopy(denoiser)
+    for n, q in m.named_modules():
+        if isinstance(q, TemporalActQuantizer) and pick(n):
+            q.enabled = False
+    return m
+
+
+def kind_ablations(denoiser, block: str) -> dict:
+    """{"student", "<kind> in <block>", "<kind> everywhere"}: copies with those activation quantizers off."""
+    from dq.models.families import family_of
+    from dq.quant.quantizers import TemporalActQuantizer
+
+    blocks = {b.name: b for b in family_of(denoiser).blocks(denoiser, "block")}
+    if block not in blocks:
+        raise DQError(f"--within {block!r} is not a block of this model; valid choices: {', '.join(blocks)}")
+    prefixes = {n for mod in blocks[block].modules for n, q in denoiser.named_modules() if q is mod}
+    inside = lambda n: any(n == p or n.startswith(p + ".") for p in prefixes)  # noqa: E731
+    names = [n for n, q in denoiser.named_modules() if isinstance(q, TemporalActQuantizer)]
+    out = {"student": ablate(denoiser, "student")}
+    for kind in sorted({_kind(n) for n in names if inside(n)}):
+        out[f"{kind} in {block}"] = _off(denoiser, lambda n, k=kind: inside(n) and _kind(n) == k)
+        out[f"{kind} everywhere"] = _off(denoiser, lambda n, k=kind: _kind(n) == k)
+    return out
+
+
+def per_block(student, meta: dict, path: Path, args) -> int:
+    from step_error import measure
+    from dq.models.load import ModelConfig, load_model
+    from dq.models.sampling import SamplerConfig
+
+    if meta.get("teacher") != "embedded_digits":
+        raise DQError(f"--per-block compares against the embedded digits teacher, but {str(path)!r} was distilled "
+                      f"from {meta.get('teacher')!r}")
+    sampler = SamplerConfig(**meta["sampler"])
+    models = kind_ablations(student.denoiser, args.within) if args.within else block_ablations(student.denoiser)
+    start = time.time()
+    res = measure(load_model(ModelConfig()), models, sampler, args.per_block_images, args.seed, batch_size=64,
+                  log=print)
+    err = {k: v["x0_rel_err"] for k, v in res["students"].items()}
+    base = err["student"]
+    print("\n| activations in float | x_0 rel. error | share of the student's error removed |\n|---|---|---|")
+    rows = []
+    for k, e in err.items():
+        share = (base - e) / base if k != "student" else 0.0
+        rows.append({"name": k, "x0_rel_err": e, "share_removed": share})
+        print(f"| {'none (the student)' if k == 'student' else 'all' if k == 'weights_only' else k} | {e:.4f} | "
+              f"{'–' if k == 'student' else f'{100 * share:.0f} %'} |")
+    default = f"quant_ablation_{args.within}.json" if args.within else "quant_ablation_blocks.json"
+    out = Path(args.out) if args.out else path.parent / default
+    out.write_text(json.dumps({"command": "python " + shlex.join(sys.argv), "student": str(path),
+                               "sampler": sampler.__dict__, "images": args.per_block_images, "seed": args.seed,
+                               "rows": rows, "seconds": time.time() - start}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--student", required=True, help="a student.safetensors written by train.py")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), help=f"which rows (of {', '.join(ROWS)})")
+    ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "dq"))
+    ap.add_argument("--per-block", action="store_true", help="x_0 error with each block's activations in float")
+    ap.add_argument("--per-block-images", type=int, default=128)
+    ap.add_argument("--within", default=None, metavar="BLOCK", help="with --per-block: one block, by layer kind")
+    ap.add_argument("--out", default=None, help="JSON of the rows (default: next to the student, quant_ablation.json)")
+    args = ap.parse_args(argv)
+    bad = [r for r in args.rows if r not in ROWS]
+    if bad:
+        raise DQError(f"--rows {bad[0]!r} is not a row; valid choices: {', '.join(ROWS)}")
+    path = Path(args.student)
+    if not path.is_file():
+        raise DQError(f"--student {str(path)!r} does not exist; give a student.safetensors written by train.py")
+
+    from dq.evaluation import Protocol, evaluate_models, format_table
+    from dq.models.checkpoint import load_student
+    from dq.models.load import ModelConfig, load_model
+    from dq.models.sampling import SamplerConfig
+
+    student, meta = load_student(path)
+    if args.per_block:
+        return per_block(student, meta, path, args)
+    if "fp" in args.rows and meta.get("teacher") != "embedded_digits":
+        raise DQError(f"the fp row loads the embedded digits teacher, but {str(path)!r} was distilled from "
+                      f"{meta.get('teacher')!r}; drop fp from --rows")
+    sampler = SamplerConfig(**meta["sampler"]) if isinstance(meta.get("sampler"), dict) else SamplerConfig()
+    models = {}
+    for row in args.rows:
+        if row == "fp":
+            models[row] = load_model(ModelConfig()).denoiser
+            continue
+        models[row] = ablate(student.denoiser, row)
+    p = Protocol(sampler=sampler, cache_dir=args.cache_dir, num_samples=args.num_samples, seed=args.seed, floor=False)
+    out = Path(args.out) if args.out else path.parent / "quant_ablation.json"
+    start = time.time()
+    result = evaluate_models(p, student, models, out.parent / "quant_ablation")
+    print(format_table(result["rows"]))
+    rows = [{k: r[k] for k in ("name", "fid", "kid", "is") if k in r} for r in result["rows"]]
+    out.write_text(json.dumps({"command": "python " + shlex.join(sys.argv), "student": str(path),
+                               "sampler": sampler.__dict__, "num_samples": args.num_samples, "seed": args.seed,
+                               "rows": rows, "seconds": time.time() - start}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except DQError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
