@@ -6,6 +6,8 @@ Rows (same sampler, noise and reference for all; the cells' protocol: DDIM 50, 1
 digits features):
 
     fp            the FP teacher
+    (--float-acts up.2[:conv_shortcut]: the student with that block's, or that layer kind's in it,
+    activations float — what perfect activations there would buy)
     student       the student as trained (weights and activations quantized)
     weights_only  activation quantizers off: the student's quantized weights on float activations
     acts_only     weight quantizers off: the student's float (trained) weights, quantized activations
@@ -68,9 +70,10 @@ def block_ablations(denoiser) -> dict:
 
 
 def _kind(name: str) -> str:
-    """Layer kind of an activation quantizer's name: "up_blocks.2.resnets.0.conv1.act_quant" → "conv1"."""
+    """Layer kind of an activation quantizer's name: "up_blocks.2.resnets.0.conv1.act_quant" → "conv1"; the
+    attention matmul inputs keep their own name: "….attentions.0.processor.q_quant" → "q_quant"."""
     parts = [p for p in name.split(".") if not p.isdigit()]
-    return parts[-2] if len(parts) > 1 else parts[-1]
+    return parts[-1] if parts[-1] != "act_quant" or len(parts) == 1 else parts[-2]
 
 
 def _off(denoiser, pick):
@@ -101,6 +104,43 @@ def kind_ablations(denoiser, block: str) -> dict:
     return out
 
 
+def float_acts_row(denoiser, spec: str):
+    """("acts float: <what>", a copy of the student) for ``spec`` = BLOCK or BLOCK:KIND."""
+    block, _, kind = spec.partition(":")
+    copies = kind_ablations(denoiser, block) if kind else block_ablations(denoiser)
+    key = f"{kind} in {block}" if kind else block
+    if not kind and key not in copies:
+        raise DQError(f"--float-acts {spec!r} is not a block of this model; valid choices: "
+                      f"{', '.join(k for k in copies if k not in ('student', 'weights_only'))}")
+    if key not in copies:
+        kinds = sorted({k.split(" in ")[0] for k in copies if " in " in k})
+        raise DQError(f"--float-acts {spec!r}: no layer kind {kind!r} in {block}; valid kinds: {', '.join(kinds)}")
+    return f"acts float: {key}", copies[key]
+
+
+def plot_rows(rows: list[dict], path: Path, title: str) -> None:
+    """Horizontal bars of the x_0 error per row, the student's as a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["student (all quantized)" if r["name"] == "student" else "all activations float"
+             if r["name"] == "weights_only" else f"{r['name']} float" for r in rows]
+    vals = [r["x0_rel_err"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), vals, color=["0.4" if r["name"] == "student" else "tab:blue" for r in rows])
+    ax.axvline(vals[0], color="0.4", ls="--", lw=1)
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("x_0 relative error vs the FP teacher (same noise)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def per_block(student, meta: dict, path: Path, args) -> int:
     from step_error import measure
     from dq.models.load import ModelConfig, load_model
@@ -125,6 +165,8 @@ def per_block(student, meta: dict, path: Path, args) -> int:
               f"{'–' if k == 'student' else f'{100 * share:.0f} %'} |")
     default = f"quant_ablation_{args.within}.json" if args.within else "quant_ablation_blocks.json"
     out = Path(args.out) if args.out else path.parent / default
+    plot_rows(rows, out.with_suffix(".png"), f"{path.parent.parent.parent.name} {path.parent.name}: x_0 error with "
+              f"activations in float ({args.within or 'per block'})")
     out.write_text(json.dumps({"command": "python " + shlex.join(sys.argv), "student": str(path),
                                "sampler": sampler.__dict__, "images": args.per_block_images, "seed": args.seed,
                                "rows": rows, "seconds": time.time() - start}, indent=1))
@@ -139,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "dq"))
+    ap.add_argument("--float-acts", nargs="+", default=[], metavar="BLOCK[:KIND]",
+                    help="extra FID rows: the student with one block's (or one layer kind's in it) activations float")
     ap.add_argument("--per-block", action="store_true", help="x_0 error with each block's activations in float")
     ap.add_argument("--per-block-images", type=int, default=128)
     ap.add_argument("--within", default=None, metavar="BLOCK", help="with --per-block: one block, by layer kind")
@@ -169,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             models[row] = load_model(ModelConfig()).denoiser
             continue
         models[row] = ablate(student.denoiser, row)
+    for spec in args.float_acts:
+        name, model = float_acts_row(student.denoiser, spec)
+        models[name] = model
     p = Protocol(sampler=sampler, cache_dir=args.cache_dir, num_samples=args.num_samples, seed=args.seed, floor=False)
     out = Path(args.out) if args.out else path.parent / "quant_ablation.json"
     start = time.time()

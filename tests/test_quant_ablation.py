@@ -76,3 +76,21 @@ def test_kind_ablations_within_a_block_and_everywhere():
     assert any(n.startswith("down_blocks.") for n in off["conv1 everywhere"])
     with pytest.raises(DQError, match=r"--within 'up.9' is not a block of this model; valid choices: stem, "):
         kind_ablations(student, "up.9")
+
+
+def test_float_acts_rows_pick_a_block_or_a_kind_in_it():
+    from quant_ablation import float_acts_row
+    from dq.quant.quantizers import TemporalActQuantizer
+
+    student = prepare(build_arch("unet2d", seed=0).denoiser, QuantConfig(w_bits=4, a_bits=4, timesteps=(900,)))
+    off = lambda m: {n for n, q in m.named_modules() if isinstance(q, TemporalActQuantizer) and not q.enabled}  # noqa: E731
+    name, kind = float_acts_row(student, "up.1:conv1")
+    block_name, block = float_acts_row(student, "up.1")
+    assert (name, block_name) == ("acts float: conv1 in up.1", "acts float: up.1")
+    assert off(kind) and off(kind) < off(block)
+    with pytest.raises(DQError, match=r"--float-acts 'up.1:conv9': no layer kind 'conv9' in up.1; valid kinds: conv, conv1, conv2, conv_shortcut, k_quant, prob_quant, q_quant, time_emb_proj, to_k"):
+        float_acts_row(student, "up.1:conv9")
+    with pytest.raises(DQError, match=r"--within 'nope' is not a block of this model"):
+        float_acts_row(student, "nope:conv1")
+    with pytest.raises(DQError, match=r"--float-acts 'nope' is not a block of this model; valid choices: stem, "):
+        float_acts_row(student, "nope")
