@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["fp", "ptq", "lsq_qat", "efficientdm", "smoothquant_bkd", "dilatequant_no_wd", "dilatequant_no_tpq",
            "dilatequant_no_bkd", "dilatequant_table", "dilatequant_knots", "dilatequant"]
 BITS = ["w4a4", "w4a8", "w6a6", "w8a8"]
+A8_SHORTCUTS = "quant.a8_layers=[up_blocks.2.resnets.0.conv_shortcut,up_blocks.2.resnets.1.conv_shortcut]"
 # Named variants: a method with fixed overrides (the per-step activation forms of docs/tpq.md).
 VARIANTS = {
     "dilatequant_table_pooled": ("dilatequant_table", ["method.tpq_init=pooled"]),
@@ -42,6 +43,9 @@ VARIANTS = {
     "dilatequant_no_tpq_model400": ("dilatequant_no_tpq", ["distill.model_steps=400"]),
     "dilatequant_traj1024": ("dilatequant", ["calib.n_trajectories=1024"]),
     "dilatequant_no_tpq_traj1024": ("dilatequant_no_tpq", ["calib.n_trajectories=1024"]),
+    # the last up block's two shortcut inputs (the raw skip concatenation) at 8 bits (docs/w4a4_gap.md)
+    "dilatequant_a8_shortcuts": ("dilatequant", [A8_SHORTCUTS]),
+    "dilatequant_no_tpq_a8_shortcuts": ("dilatequant_no_tpq", [A8_SHORTCUTS]),
     "dilatequant_model400_own": ("dilatequant", ["distill.model_steps=400", "distill.model_trajectory=student"]),
     "dilatequant_no_tpq_model400_own": ("dilatequant_no_tpq", ["distill.model_steps=400",
                                                               "distill.model_trajectory=student"]),

@@ -25,27 +25,35 @@ def test_pack_unpack_round_trip(bits, n):
     assert torch.equal(unpack(p, bits, [n, 3]), q)
 
 
-def _student(model, steps=4, w_bits=4, knots=0):
+def _student(model, steps=4, w_bits=4, knots=0, a8=()):
     ts = tuple(sampler_timesteps(model, SamplerConfig(steps=steps)))
-    s = prepare(copy.deepcopy(model.denoiser), QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts, tpq_knots=knots))
+    qcfg = QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts, tpq_knots=knots, a8_layers=a8)
+    s = prepare(copy.deepcopy(model.denoiser), qcfg)
     g = torch.Generator().manual_seed(0)
     every_step = (torch.randn(len(ts), *model.sample_shape, generator=g), torch.tensor(ts))
     weight_dilation(s, [every_step])
     calibrate(s, [every_step], "minmax")
     batch = (torch.randn(8, *model.sample_shape, generator=g), torch.tensor(ts[:2] * 4))  # mixed steps
-    qcfg = QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts, tpq_knots=knots)
     meta = {"quant": json.loads(json.dumps(qcfg.__dict__, default=list)),
             "sampler": {"name": "ddim", "steps": steps, "eta": 0.0}, "method": {"name": "test"}, "teacher": model.name}
     return type(model)(s, model.scheduler, "student"), meta, batch
 
 
-@pytest.mark.parametrize("w_bits,knots", [(4, 0), (8, 0), (4, 3)])
-def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, knots, tmp_path):
+A8 = ("up_blocks.2.resnets.0.conv_shortcut", "up_blocks.2.resnets.1")
+
+
+@pytest.mark.parametrize("w_bits,knots,a8", [(4, 0, ()), (8, 0, ()), (4, 3, ()), (4, 3, A8)])
+def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, knots, a8, tmp_path):
     model = build_arch("unet2d")
-    student, meta, (x, t) = _student(model, w_bits=w_bits, knots=knots)
+    student, meta, (x, t) = _student(model, w_bits=w_bits, knots=knots, a8=a8)
     out = export_student(student, meta, tmp_path / "exp")
     ref, qc = load_export(out, "reference")
     assert qc["layers"]["conv_in"]["w_bits"] == 8 and qc["timesteps"] == meta["quant"]["timesteps"]
+    a8_named = {n for n in qc["layers"] if any(n == p or n.startswith(p + ".") for p in a8)}
+    assert len(a8_named) == (5 if a8 else 0)  # the shortcut + resnets.1's conv1, conv2, conv_shortcut, time_emb_proj
+    for n, layer in qc["layers"].items():
+        if n in a8_named:
+            assert (layer["w_bits"], layer["a_bits"]) == (w_bits, 8), n
     with torch.no_grad():
         want = student.family.forward(student.denoiser, x, t)
         assert torch.equal(ref.family.forward(ref.denoiser, x, t), want)

@@ -153,6 +153,19 @@ def test_skip_and_float_time_embedding():
     assert not isinstance(unet.mid_block.attentions[0].processor, QuantAttnProcessor)
 
 
+def test_a8_layers_raise_only_their_input_activations_and_a_typo_is_an_error():
+    a8 = ("mid_block.resnets.0.conv1",)
+    unet = prepare(tiny_unet(), QuantConfig(timesteps=TIMESTEPS, a8_layers=a8))
+    bits = {n: (layer.weight_quant.bits, layer.act_quant.bits) for n, layer in iter_quant_layers(unet)
+            if layer.act_quant is not None}
+    assert bits["mid_block.resnets.0.conv1"] == (4, 8)
+    assert bits["mid_block.resnets.0.conv2"] == (4, 4) and bits["conv_in"] == (8, 8)
+    assert sum(a == 8 for _, a in bits.values()) == 3  # the named layer + conv_in / conv_out (first_last_bits)
+    with pytest.raises(DQError, match=r"quant.a8_layers entry 'mid_block.resnets.0.conv9' names no layer with "
+                                      r"quantized activations; layer names look like "):
+        prepare(tiny_unet(), QuantConfig(timesteps=TIMESTEPS, a8_layers=("mid_block.resnets.0.conv9",)))
+
+
 @pytest.mark.parametrize("kind", ["unet2d", "cond"])
 def test_processor_mirrors_default_attention(kind):
     unet = heterogeneous(KINDS[kind][0]())

@@ -120,7 +120,7 @@ def load_export(path: str | Path, runtime: str = "reference") -> tuple[Diffusion
         raise DQError(f"{str(path)!r} is not a readable dq export ({str(e).splitlines()[0]}); re-run export.py") from None
     if qc.get("format") != FORMAT:
         raise DQError(f"{str(path)!r} is not a dq export (expected format {FORMAT!r}, found {qc.get('format')!r})")
-    quant = {**qc["quant"], "timesteps": tuple(qc["quant"]["timesteps"]), "skip": tuple(qc["quant"]["skip"])}
+    quant = {**qc["quant"], "timesteps": tuple(qc["quant"]["timesteps"]), "skip": tuple(qc["quant"]["skip"]), "a8_layers": tuple(qc["quant"].get("a8_layers", ()))}
     model = prepare(model_class(config.pop("_class_name")).from_config(config), QuantConfig(**quant))
     for name, info in qc["layers"].items():
         q = unpack(tensors.pop(f"{name}.weight_packed"), info["w_bits"], info["shape"]).float()

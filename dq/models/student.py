@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
+from dq.errors import DQError
 from dq.models.attention import restore_attention
 from dq.models.families import family_of
 from dq.quant import calibration
@@ -27,6 +28,29 @@ from dq.quant.prepare import attach_step_index, dequantize_layers, detach_step_i
 from dq.quant.scaling import apply_smoothquant, apply_weight_dilation
 
 
+def layer_bits_of(model: nn.Module, family, qcfg: QuantConfig):
+    """The family's (w_bits, a_bits) per layer, with ``qcfg.a8_layers`` raising those layers' input
+    activations to 8 bits. An a8_layers entry that names no quantized layer is an error, not a no-op."""
+    def covered(name: str, p: str) -> bool:
+        return name == p or name.startswith(p + ".")
+
+    if qcfg.a8_layers:
+        quantized = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                     and (b := family.layer_bits(n, m, qcfg)) is not None and b[1] is not None]
+        for p in qcfg.a8_layers:
+            if not any(covered(n, p) for n in quantized):
+                near = [n for n in quantized if n.split(".")[-1] == p.split(".")[-1]][:3] or quantized[:3]
+                raise DQError(f"quant.a8_layers entry {p!r} names no layer with quantized activations; "
+                              f"layer names look like {', '.join(near)}")
+
+    def bits(name: str, layer: nn.Module):
+        b = family.layer_bits(name, layer, qcfg)
+        if b is not None and b[1] is not None and any(covered(name, p) for p in qcfg.a8_layers):
+            return b[0], max(b[1], 8)
+        return b
+    return bits
+
+
 def prepare(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     """Make ``model`` (in place) a fake-quantized student; returns it. Layers get min–max Δ_w and
     T = qcfg.num_steps activation tables; the network output is not quantized. Every parameter and
@@ -35,7 +59,7 @@ def prepare(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     family = family_of(model)
     if hasattr(model, "dq_step_index"):
         raise ValueError("this model is already prepared")
-    quantize_layers(model, lambda name, layer: family.layer_bits(name, layer, qcfg), qcfg.num_steps)
+    quantize_layers(model, layer_bits_of(model, family, qcfg), qcfg.num_steps)
     family.quantize_attention(model, qcfg)
     attach_step_index(model, qcfg.timesteps, not qcfg.shared_tables, family.timestep_of)
     if qcfg.tpq_knots:

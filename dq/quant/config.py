@@ -21,6 +21,8 @@ class QuantSpec:
         quantize_attention: quantize q, k, v and the probabilities of every attention.
         quantize_time_embedding: quantize the timestep / class embedding MLPs.
         skip: qualified module-name prefixes left in float, e.g. ["mid_block"].
+        a8_layers: qualified module-name prefixes whose input activations use 8 bits (weights keep
+            w_bits), e.g. ["up_blocks.2.resnets.0.conv_shortcut"] (docs/w4a4_gap.md).
     """
 
     name: str = "w4a4"
@@ -31,6 +33,7 @@ class QuantSpec:
     quantize_attention: bool = True
     quantize_time_embedding: bool = True
     skip: List[str] = field(default_factory=list)
+    a8_layers: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "quant.w_bits")
@@ -49,7 +52,7 @@ class QuantConfig:
     """Runtime quantization settings of one student.
 
     Attributes:
-        w_bits, a_bits, prob_bits, first_last_bits, quantize_attention, quantize_time_embedding, skip:
+        w_bits, a_bits, prob_bits, first_last_bits, quantize_attention, quantize_time_embedding, skip, a8_layers:
             as in :class:`QuantSpec`.
         timesteps: raw timesteps of the sampler schedule, one table row each (T = len); unique.
         shared_tables: one table shared by all steps (T = 1); ``timesteps`` may then be empty, and
@@ -68,6 +71,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     quantize_time_embedding: bool = True
     tpq_knots: int = 0
+    a8_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -88,12 +92,13 @@ class QuantConfig:
                              f"steps), and needs per-step tables (shared_tables=False)")
         object.__setattr__(self, "timesteps", ts)
         object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
+        object.__setattr__(self, "a8_layers", tuple(str(s) for s in self.a8_layers))
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, timesteps: tuple[int, ...] | list[int], shared_tables: bool,
                   tpq_knots: int = 0) -> "QuantConfig":
         fields = {k: v for k, v in asdict(spec).items() if k != "name"}
-        return cls(**{**fields, "skip": tuple(spec.skip)}, timesteps=tuple(timesteps), shared_tables=shared_tables,
+        return cls(**{**fields, "skip": tuple(spec.skip), "a8_layers": tuple(spec.a8_layers)}, timesteps=tuple(timesteps), shared_tables=shared_tables,
                    tpq_knots=tpq_knots)
 
     @property
