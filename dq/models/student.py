@@ -13,6 +13,7 @@ to table rows; calling blocks directly needs ``with model.dq_step_index.use(rows
 """
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
@@ -39,7 +40,7 @@ def layer_bits_of(model: nn.Module, family, qcfg: QuantConfig):
                      and (b := family.layer_bits(n, m, qcfg)) is not None and b[1] is not None]
         for p in qcfg.a8_layers:
             if not any(covered(n, p) for n in quantized):
-                near = [n for n in quantized if n.split(".")[-1] == p.split(".")[-1]][:3] or quantized[:3]
+                near = difflib.get_close_matches(p, quantized, n=3, cutoff=0.5) or quantized[:3]
                 raise DQError(f"quant.a8_layers entry {p!r} names no layer with quantized activations; "
                               f"layer names look like {', '.join(near)}")
 
