@@ -51,6 +51,11 @@ VARIANTS = {
                                                               "distill.model_trajectory=student"]),
 }
 METHODS += list(VARIANTS)
+# Variants that change the training or the precision rather than the per-step form: reported against
+# their own base method (section "Levers"), not in the forms-vs-shared table.
+LEVERS = ("dilatequant_long", "dilatequant_no_tpq_long", "dilatequant_model400", "dilatequant_no_tpq_model400",
+          "dilatequant_model400_own", "dilatequant_no_tpq_model400_own", "dilatequant_traj1024",
+          "dilatequant_no_tpq_traj1024", "dilatequant_a8_shortcuts", "dilatequant_no_tpq_a8_shortcuts")
 
 
 def cell_dir(runs: Path, method: str, bits: str, seed: int) -> Path:
@@ -152,7 +157,7 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
         lines += ["", f"### DilateQuant vs the others at {b.upper()} (FID; positive Δ = DilateQuant better)", "",
                   "| method | FID | DilateQuant FID | Δ mean | per-seed Δ (paired) | verdict |", "|---|---|---|---|---|---|"]
         for m in METHODS:
-            if m in ("dilatequant", "fp"):
+            if m in ("dilatequant", "fp") or m in LEVERS:
                 continue
             other = {r["seed"]: r["fid"] for r in cells.get((m, b), [])}
             if len(other) < 2:
@@ -189,7 +194,7 @@ def tpq_forms(cells: dict[tuple[str, str], list[dict]], shared: str = "dilatequa
                   f"{closure(statistics.mean(ref.values()))} |"]
         for m in METHODS:
             if not m.startswith("dilatequant") or m in (shared, "dilatequant_no_bkd", "dilatequant_no_wd") \
-                    or "no_tpq" in m:
+                    or "no_tpq" in m or m in LEVERS:
                 continue
             other = {r["seed"]: r["fid"] for r in cells.get((m, b), [])}
             common = sorted(other.keys() & ref.keys())
@@ -206,6 +211,38 @@ def tpq_forms(cells: dict[tuple[str, str], list[dict]], shared: str = "dilatequa
         lines.insert(0, "\n## Per-step activation parameters: the forms against one shared table\n\n"
                         "Variants are named runs of one method with fixed overrides (`VARIANTS` in "
                         "scripts/benchmark.py; docs/tpq.md says what each is).")
+    return lines
+
+
+def levers(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """Each lever variant against its base method (same seeds, paired), with the PTQ → FP gap it closes."""
+    lines = []
+    for b in BITS:
+        fp, ptq = cells.get(("fp", "fp")), cells.get(("ptq", b))
+        lo = statistics.mean(r["fid"] for r in fp) if fp else None
+        hi = statistics.mean(r["fid"] for r in ptq) if ptq else None
+        rows = []
+        for v in LEVERS:
+            base, fixed = VARIANTS[v]
+            mine = {r["seed"]: r["fid"] for r in cells.get((v, b), [])}
+            ref = {r["seed"]: r["fid"] for r in cells.get((base, b), [])}
+            common = sorted(mine.keys() & ref.keys())
+            if not common:
+                continue
+            d = [mine[k] - ref[k] for k in common]
+            gap = "–" if lo is None or hi is None or len(mine) < 3 else \
+                f"{100 * (hi - statistics.mean(mine.values())) / (hi - lo):.0f} %"
+            rows.append(f"| {v} | {base} | `{' '.join(fixed)}` | {len(mine)} | {mean_std(list(mine.values()))} | "
+                        f"{statistics.mean(d):+.2f} | {', '.join(f'{x:+.2f}' for x in d)} | "
+                        f"{sum(x <= 0 for x in d)}/{len(d)} | {gap} |")
+        if rows:
+            lines += ["", f"### W{b[1]}A{b[3]} (positive Δ = the variant is worse than its base)", "",
+                      "| variant | base | overrides | seeds | FID | Δ mean vs base | per-seed Δ (paired) | "
+                      "seeds ≤ base | PTQ→FP gap closed |", "|---|---|---|---|---|---|---|---|---|", *rows]
+    if lines:
+        lines.insert(0, "\n## Levers: training and precision variants against their base method\n\n"
+                        "docs/w4a4_gap.md says what each is for. `a8_shortcuts` keeps two layers' input "
+                        "activations at 8 bits: not strict W4A4, reported only here.")
     return lines
 
 
@@ -260,7 +297,7 @@ def report(runs: Path, out_md: Path, command: str) -> None:
                   + "; ".join(f"`{p}`" for p in protocols) + " — rows mixing them are not comparable."]
     else:
         lines += ["", f"Protocol (extra overrides on every cell): `{protocols[0] if protocols else 'defaults'}`."]
-    lines += comparison(cells) + tpq_forms(cells) + scaling_effect(cells)
+    lines += comparison(cells) + tpq_forms(cells) + levers(cells) + scaling_effect(cells)
     if VARIANTS:
         lines += ["", "Variants: " + "; ".join(f"`{k}` = `method={v[0]} {' '.join(v[1])}`"
                                                for k, v in VARIANTS.items() if any(m == k for m, _ in cells)) + "."]

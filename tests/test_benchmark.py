@@ -85,3 +85,23 @@ def test_scaling_effect_summarises_the_cells_scaling_reports():
              ("ptq", "w4a4"): [{"scaling_ratios": []}]}  # no scaling: no row
     rows = [line for line in scaling_effect(cells) if line.startswith("| smoothquant") or line.startswith("| ptq")]
     assert rows == ["| smoothquant_bkd | W4A4 | 2 | 0.50 | 4.00 → 2.00 |"]
+
+
+def test_levers_are_paired_against_their_own_base_and_kept_out_of_the_forms_table():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import levers, tpq_forms
+
+    def cell(*fids):
+        return [{"fid": f, "seed": i} for i, f in enumerate(fids)]
+
+    cells = {("dilatequant", "w4a4"): cell(2.0, 2.2, 2.4), ("dilatequant_no_tpq", "w4a4"): cell(2.1, 2.1, 2.1),
+             ("fp", "fp"): cell(1.0, 1.0, 1.0), ("ptq", "w4a4"): cell(6.0, 6.0, 6.0),
+             ("dilatequant_a8_shortcuts", "w4a4"): cell(1.5, 1.6, 2.5),
+             ("dilatequant_no_tpq_a8_shortcuts", "w4a4"): cell(1.6)}
+    rows = {line.split(" | ")[0].strip("| "): line for line in levers(cells) if line.startswith("| ")}
+    a8 = rows["dilatequant_a8_shortcuts"].split(" | ")
+    assert a8[1] == "dilatequant" and a8[3] == "3" and a8[5] == "-0.33" and a8[6] == "-0.50, -0.60, +0.10"
+    assert a8[7] == "2/3" and a8[8].rstrip(" |") == "83 %"  # (6 − 1.8667) / (6 − 1)
+    shared = rows["dilatequant_no_tpq_a8_shortcuts"].split(" | ")
+    assert shared[1] == "dilatequant_no_tpq" and shared[6] == "-0.50" and shared[8].rstrip(" |") == "–"  # 1 seed
+    assert not any("a8_shortcuts" in line for line in tpq_forms(cells))
