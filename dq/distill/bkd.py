@@ -19,8 +19,8 @@ training matches each block on the inputs it is given; this stage corrects what 
 errors add up to at the output. With ``distill.model_trajectory=student`` its inputs x_t are the student's
 own trajectories — sampled by the student when the stage starts, from the calibration set's noise, at the
 same (trajectory, step) picks — so it learns to match the teacher where it actually samples, not only
-on the teacher's path (the per-step error measurements of docs/tpq.md). The curriculum is a list of stages (block k or the whole model, each
-with its step count), still a pure function of ``global_step``.
+on the teacher's path (measured in docs/w4a4_gap.md). The curriculum is a list of stages (block k or
+the whole model, each with its step count), still a pure function of ``global_step``.
 
 The teacher is held outside the module registry: it is not in the checkpoint and DDP never wraps it.
 """
