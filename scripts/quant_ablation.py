@@ -64,8 +64,7 @@ def block_ablations(denoiser) -> dict:
 
     out = {"student": ablate(denoiser, "student"), "weights_only": ablate(denoiser, "weights_only")}
     for b in family_of(denoiser).blocks(denoiser, "block"):
-        names = {n for mod in b.modules for n, q in denoiser.named_modules() if q is mod}
-        out[b.name] = _off(denoiser, lambda n, names=names: any(n == p or n.startswith(p + ".") for p in names))
+        out[b.name] = _off(denoiser, _in_block(denoiser, b))
     return out
 
 
@@ -74,6 +73,12 @@ def _kind(name: str) -> str:
     attention matmul inputs keep their own name: "….attentions.0.processor.q_quant" → "q_quant"."""
     parts = [p for p in name.split(".") if not p.isdigit()]
     return parts[-1] if parts[-1] != "act_quant" or len(parts) == 1 else parts[-2]
+
+
+def _in_block(denoiser, block):
+    """A predicate on module names: inside one of ``block``'s modules."""
+    prefixes = {n for n, q in denoiser.named_modules() if any(q is mod for mod in block.modules)}
+    return lambda n: any(n == p or n.startswith(p + ".") for p in prefixes)
 
 
 def _off(denoiser, pick):
@@ -94,8 +99,7 @@ def kind_ablations(denoiser, block: str) -> dict:
     blocks = {b.name: b for b in family_of(denoiser).blocks(denoiser, "block")}
     if block not in blocks:
         raise DQError(f"--within {block!r} is not a block of this model; valid choices: {', '.join(blocks)}")
-    prefixes = {n for mod in blocks[block].modules for n, q in denoiser.named_modules() if q is mod}
-    inside = lambda n: any(n == p or n.startswith(p + ".") for p in prefixes)  # noqa: E731
+    inside = _in_block(denoiser, blocks[block])
     names = [n for n, q in denoiser.named_modules() if isinstance(q, TemporalActQuantizer)]
     out = {"student": ablate(denoiser, "student")}
     for kind in sorted({_kind(n) for n in names if inside(n)}):

@@ -55,13 +55,14 @@ def test_a_cell_running_in_another_live_process_is_left_to_it(tmp_path):
     assert not running_elsewhere(tmp_path)
 
 
+
+def cell(*fids):
+    """Cells of one method: FIDs of seeds 0, 1, …"""
+    return [{"fid": f, "seed": i} for i, f in enumerate(fids)]
+
 def test_comparison_verdicts_use_the_seed_spread():
     sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark import comparison
-
-    def cell(*fids):
-        return [{"fid": f, "seed": i} for i, f in enumerate(fids)]
-
     cells = {("dilatequant", "w4a4"): cell(2.0, 2.2, 2.1), ("ptq", "w4a4"): cell(6.0, 6.3, 5.9),
              ("dilatequant_no_wd", "w4a4"): cell(2.1, 2.0, 2.3), ("smoothquant_bkd", "w4a4"): cell(1.0, 1.1, 1.2),
              ("dilatequant_no_tpq", "w4a4"): cell(3.0)}  # one seed: no verdict
@@ -90,10 +91,6 @@ def test_scaling_effect_summarises_the_cells_scaling_reports():
 def test_levers_are_paired_against_their_own_base_and_kept_out_of_the_forms_table():
     sys.path.insert(0, str(ROOT / "scripts"))
     from benchmark import levers, tpq_forms
-
-    def cell(*fids):
-        return [{"fid": f, "seed": i} for i, f in enumerate(fids)]
-
     cells = {("dilatequant", "w4a4"): cell(2.0, 2.2, 2.4), ("dilatequant_no_tpq", "w4a4"): cell(2.1, 2.1, 2.1),
              ("fp", "fp"): cell(1.0, 1.0, 1.0), ("ptq", "w4a4"): cell(6.0, 6.0, 6.0),
              ("dilatequant_a8_shortcuts", "w4a4"): cell(1.5, 1.6, 2.5),
