@@ -55,10 +55,10 @@ def test_a_cell_running_in_another_live_process_is_left_to_it(tmp_path):
     assert not running_elsewhere(tmp_path)
 
 
-
 def cell(*fids):
     """Cells of one method: FIDs of seeds 0, 1, …"""
     return [{"fid": f, "seed": i} for i, f in enumerate(fids)]
+
 
 def test_comparison_verdicts_use_the_seed_spread():
     sys.path.insert(0, str(ROOT / "scripts"))
