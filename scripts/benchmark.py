@@ -30,6 +30,8 @@ METHODS = ["fp", "ptq", "lsq_qat", "efficientdm", "smoothquant_bkd", "dilatequan
            "dilatequant_no_bkd", "dilatequant_table", "dilatequant_knots", "dilatequant"]
 BITS = ["w4a4", "w4a8", "w6a6", "w8a8"]
 A8_SHORTCUTS = "quant.a8_layers=[up_blocks.2.resnets.0.conv_shortcut,up_blocks.2.resnets.1.conv_shortcut]"
+# the conditioning branch (timestep embedding MLP, each resnet's time_emb_proj) reads float inputs (docs/w4a4_gap.md)
+EMB_FP = "quant.quantize_embedding_acts=false"
 # Named variants: a method with fixed overrides (the per-step activation forms of docs/tpq.md).
 VARIANTS = {
     "dilatequant_table_pooled": ("dilatequant_table", ["method.tpq_init=pooled"]),
@@ -46,6 +48,9 @@ VARIANTS = {
     # the last up block's two shortcut inputs (the raw skip concatenation) at 8 bits (docs/w4a4_gap.md)
     "dilatequant_a8_shortcuts": ("dilatequant", [A8_SHORTCUTS]),
     "dilatequant_no_tpq_a8_shortcuts": ("dilatequant_no_tpq", [A8_SHORTCUTS]),
+    "dilatequant_emb_fp": ("dilatequant", [EMB_FP]),
+    "dilatequant_no_tpq_emb_fp": ("dilatequant_no_tpq", [EMB_FP]),
+    "ptq_emb_fp": ("ptq", [EMB_FP]),
     "dilatequant_model400_own": ("dilatequant", ["distill.model_steps=400", "distill.model_trajectory=student"]),
     "dilatequant_no_tpq_model400_own": ("dilatequant_no_tpq", ["distill.model_steps=400",
                                                               "distill.model_trajectory=student"]),
@@ -55,7 +60,8 @@ METHODS += list(VARIANTS)
 # their own base method (section "Levers"), not in the forms-vs-shared table.
 LEVERS = ("dilatequant_long", "dilatequant_no_tpq_long", "dilatequant_model400", "dilatequant_no_tpq_model400",
           "dilatequant_model400_own", "dilatequant_no_tpq_model400_own", "dilatequant_traj1024",
-          "dilatequant_no_tpq_traj1024", "dilatequant_a8_shortcuts", "dilatequant_no_tpq_a8_shortcuts")
+          "dilatequant_no_tpq_traj1024", "dilatequant_a8_shortcuts", "dilatequant_no_tpq_a8_shortcuts",
+          "ptq_emb_fp", "dilatequant_emb_fp", "dilatequant_no_tpq_emb_fp")
 
 
 def cell_dir(runs: Path, method: str, bits: str, seed: int) -> Path:
@@ -230,8 +236,12 @@ def levers(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
             if not common:
                 continue
             d = [mine[k] - ref[k] for k in common]
-            gap = "–" if lo is None or hi is None or len(mine) < 3 else \
-                f"{100 * (hi - statistics.mean(mine.values())) / (hi - lo):.0f} %"
+            # a precision variant's gap is measured from PTQ at the same precision, when that cell exists
+            same = [p for p, (pb, pf) in VARIANTS.items() if pb == "ptq" and pf == fixed]
+            top = statistics.mean(r["fid"] for r in cells[(same[0], b)]) if same and (same[0], b) in cells else hi
+            gap = "–" if lo is None or top is None or len(mine) < 3 or base == "ptq" else \
+                f"{100 * (top - statistics.mean(mine.values())) / (top - lo):.0f} %" + (f" (from {same[0]})" if same
+                                                                                           and top != hi else "")
             rows.append(f"| {v} | {base} | `{' '.join(fixed)}` | {len(mine)} | {mean_std(list(mine.values()))} | "
                         f"{statistics.mean(d):+.2f} | {', '.join(f'{x:+.2f}' for x in d)} | "
                         f"{sum(x <= 0 for x in d)}/{len(d)} | {gap} |")
@@ -242,7 +252,9 @@ def levers(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
     if lines:
         lines.insert(0, "\n## Levers: training and precision variants against their base method\n\n"
                         "docs/w4a4_gap.md says what each is for. `a8_shortcuts` keeps two layers' input "
-                        "activations at 8 bits: not strict W4A4, reported only here.")
+                        "activations at 8 bits: not strict W4A4, reported only here. `emb_fp` keeps the "
+                        "inputs of the layers that read only the timestep embedding in float (weights "
+                        "4-bit); its gap is measured from PTQ with the same setting (`ptq_emb_fp`).")
     return lines
 
 

@@ -166,6 +166,28 @@ def test_a8_layers_raise_only_their_input_activations_and_a_typo_is_an_error():
         prepare(tiny_unet(), QuantConfig(timesteps=TIMESTEPS, a8_layers=("mid_block.resnets.0.conv9",)))
 
 
+def test_float_embedding_acts_leave_only_the_timestep_branch_inputs_in_float():
+    base = prepare(tiny_unet(), QuantConfig(timesteps=TIMESTEPS))
+    emb = prepare(tiny_unet(), QuantConfig(timesteps=TIMESTEPS, quantize_embedding_acts=False))
+    branch = {n for n, _ in iter_quant_layers(emb) if n.startswith("time_embedding.") or n.endswith(".time_emb_proj")}
+    assert len(branch) == 2 + 11  # linear_1, linear_2 and one projection per resnet (3 down, 2 mid, 6 up)
+    for n, layer in iter_quant_layers(emb):
+        assert layer.weight_quant.bits == dict(iter_quant_layers(base))[n].weight_quant.bits
+        assert (layer.act_quant is None) == (n in branch), n
+    # the same function as the default student with exactly those activation quantizers switched off
+    emb.load_state_dict({k: v for k, v in base.state_dict().items()
+                         if not any(k.startswith(n + ".act_quant.") for n in branch)})
+    for n, layer in iter_quant_layers(base):
+        if n in branch:
+            layer.act_quant.enabled = False
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(emb(x, 599).sample, base(x, 599).sample)
+        dict(iter_quant_layers(base))["up_blocks.0.resnets.0.time_emb_proj"].act_quant.enabled = True  # by default
+        # those inputs are quantized, and that changes the output
+        assert not torch.equal(emb(x, 599).sample, base(x, 599).sample)
+
+
 @pytest.mark.parametrize("kind", ["unet2d", "cond"])
 def test_processor_mirrors_default_attention(kind):
     unet = heterogeneous(KINDS[kind][0]())

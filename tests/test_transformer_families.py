@@ -267,6 +267,13 @@ def test_layer_bits_first_last_and_embeddings():
     pixart = dict(iter_quant_layers(prepare(build_arch("pixart_tiny").denoiser, qcfg)))
     assert pixart["proj_out"].weight_quant.bits == 8 and "adaln_single.linear" in pixart
     assert not any(n.startswith(("adaln_single.emb.", "caption_projection.")) for n in pixart)
+    qcfg = QuantConfig(w_bits=4, a_bits=4, timesteps=TIMESTEPS, quantize_embedding_acts=False)
+    for arch, branch in (("dit_tiny", lambda n: ".norm1.emb." in n or n.endswith(".norm1.linear") or n == "proj_out_1"),
+                         ("pixart_tiny", lambda n: n.startswith(("adaln_single.", "caption_projection.")))):
+        layers = dict(iter_quant_layers(prepare(build_arch(arch).denoiser, qcfg)))
+        assert any(branch(n) for n in layers) and any(not branch(n) for n in layers)
+        assert all((layer.act_quant is None) == branch(n) and layer.weight_quant is not None
+                   for n, layer in layers.items()), arch
 
 
 # ------------------------------------------------------------------------------ end to end

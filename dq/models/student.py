@@ -31,7 +31,8 @@ from dq.quant.scaling import apply_smoothquant, apply_weight_dilation
 
 def layer_bits_of(model: nn.Module, family, qcfg: QuantConfig):
     """The family's (w_bits, a_bits) per layer, with ``qcfg.a8_layers`` raising those layers' input
-    activations to 8 bits. An a8_layers entry that names no quantized layer is an error, not a no-op."""
+    activations to 8 bits and ``qcfg.quantize_embedding_acts=False`` leaving the conditioning branch's
+    inputs in float. An a8_layers entry that names no quantized layer is an error, not a no-op."""
     def covered(name: str, p: str) -> bool:
         return name == p or name.startswith(p + ".")
 
@@ -46,7 +47,11 @@ def layer_bits_of(model: nn.Module, family, qcfg: QuantConfig):
 
     def bits(name: str, layer: nn.Module):
         b = family.layer_bits(name, layer, qcfg)
-        if b is not None and b[1] is not None and any(covered(name, p) for p in qcfg.a8_layers):
+        if b is None or b[1] is None:
+            return b
+        if not qcfg.quantize_embedding_acts and family.embedding_branch(name):
+            return b[0], None
+        if any(covered(name, p) for p in qcfg.a8_layers):
             return b[0], max(b[1], 8)
         return b
     return bits

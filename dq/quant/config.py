@@ -20,6 +20,10 @@ class QuantSpec:
         first_last_bits: the family's first and last layers (weights and input); None = same as the rest.
         quantize_attention: quantize q, k, v and the probabilities of every attention.
         quantize_time_embedding: quantize the timestep / class embedding MLPs.
+        quantize_embedding_acts: quantize the input activations of the conditioning branch — the layers
+            that read only the timestep / class / prompt embedding, not the image (the embedding MLPs and
+            each block's projection of the embedding: UNet ``time_emb_proj``, DiT adaLN Linears). False
+            keeps those inputs in float; their weights keep w_bits (docs/w4a4_gap.md).
         skip: qualified module-name prefixes left in float, e.g. ["mid_block"].
         a8_layers: qualified module-name prefixes whose input activations use 8 bits (weights keep
             w_bits), e.g. ["up_blocks.2.resnets.0.conv_shortcut"] (docs/w4a4_gap.md).
@@ -32,6 +36,7 @@ class QuantSpec:
     first_last_bits: Optional[int] = field(default=8, metadata={"choices": BITS + " or null"})
     quantize_attention: bool = True
     quantize_time_embedding: bool = True
+    quantize_embedding_acts: bool = True
     skip: List[str] = field(default_factory=list)
     a8_layers: List[str] = field(default_factory=list)
 
@@ -52,8 +57,8 @@ class QuantConfig:
     """Runtime quantization settings of one student.
 
     Attributes:
-        w_bits, a_bits, prob_bits, first_last_bits, quantize_attention, quantize_time_embedding, skip, a8_layers:
-            as in :class:`QuantSpec`.
+        w_bits, a_bits, prob_bits, first_last_bits, quantize_attention, quantize_time_embedding,
+        quantize_embedding_acts, skip, a8_layers: as in :class:`QuantSpec`.
         timesteps: raw timesteps of the sampler schedule, one table row each (T = len); unique.
         shared_tables: one table shared by all steps (T = 1); ``timesteps`` may then be empty, and
             calls are not checked against them.
@@ -70,6 +75,7 @@ class QuantConfig:
     quantize_attention: bool = True
     skip: tuple[str, ...] = ()
     quantize_time_embedding: bool = True
+    quantize_embedding_acts: bool = True
     tpq_knots: int = 0
     a8_layers: tuple[str, ...] = ()
 

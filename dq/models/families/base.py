@@ -64,6 +64,11 @@ class ModelFamily:
         """(w_bits, a_bits) of a Conv2d / Linear, or None to keep it in float."""
         raise NotImplementedError
 
+    def embedding_branch(self, name: str) -> bool:
+        """True for a layer that reads only the conditioning embedding (timestep / class / prompt), not
+        the image: its input activations stay float when ``quant.quantize_embedding_acts`` is off."""
+        return False
+
     def quantize_attention(self, model: nn.Module, qcfg: QuantConfig) -> None:
         """Install the attention processors that quantize q, k, v and the probabilities (in place)."""
         raise NotImplementedError

@@ -104,6 +104,9 @@ class DiTFamily(ModelFamily):
     def layer_bits(self, name, layer, qcfg: QuantConfig):
         return layer_bits(name, qcfg, FIRST_LAST, embedding=".norm1.emb." in name)
 
+    def embedding_branch(self, name):  # class+time embedding MLPs, adaLN Linears, the head's shift/scale
+        return ".norm1.emb." in name or name.endswith(".norm1.linear") or name == "proj_out_1"
+
     def quantize_attention(self, model, qcfg: QuantConfig) -> None:
         quantize_attention(model, qcfg)
 

@@ -98,6 +98,9 @@ class PixArtFamily(ModelFamily):
     def layer_bits(self, name, layer, qcfg: QuantConfig):
         return layer_bits(name, qcfg, FIRST_LAST, embedding=any(name.startswith(p + ".") for p in EMBEDDINGS))
 
+    def embedding_branch(self, name):  # timestep embedding MLP + adaLN-single Linear, the caption projection
+        return name.startswith(("adaln_single.", "caption_projection."))
+
     def quantize_attention(self, model, qcfg: QuantConfig) -> None:
         quantize_attention(model, qcfg)
 

@@ -137,6 +137,9 @@ class UNetFamily(ModelFamily):
             return qcfg.first_last_bits, None if qcfg.a_bits is None else qcfg.first_last_bits
         return qcfg.w_bits, qcfg.a_bits
 
+    def embedding_branch(self, name):
+        return _skipped(name, EMBEDDINGS) or name.endswith(".time_emb_proj")
+
     def quantize_attention(self, model, qcfg: QuantConfig) -> None:
         if not qcfg.quantize_attention or qcfg.a_bits is None:
             return
