@@ -7,7 +7,8 @@ digits features):
 
     fp            the FP teacher
     (--float-acts up.2[:conv_shortcut]: the student with that block's, or that layer kind's in it,
-    activations float — what perfect activations there would buy)
+    activations float — what perfect activations there would buy; --float-acts embedding: the inputs of
+    the layers that read only the timestep embedding, as quant.quantize_embedding_acts=false has them)
     student       the student as trained (weights and activations quantized)
     weights_only  activation quantizers off: the student's quantized weights on float activations
     acts_only     weight quantizers off: the student's float (trained) weights, quantized activations
@@ -43,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dq.errors import DQError  # noqa: E402
 
+EMBEDDING = "embedding"  # --float-acts spec: the conditioning branch (quant.quantize_embedding_acts)
 ROWS = ("fp", "student", "weights_only", "acts_only", "float")
 STATES = {"student": (True, True), "weights_only": (True, False), "acts_only": (False, True), "float": (False, False)}
 
@@ -109,7 +111,13 @@ def kind_ablations(denoiser, block: str) -> dict:
 
 
 def float_acts_row(denoiser, spec: str):
-    """("acts float: <what>", a copy of the student) for ``spec`` = BLOCK or BLOCK:KIND."""
+    """("acts float: <what>", a copy of the student) for ``spec`` = BLOCK, BLOCK:KIND, or ``embedding``
+    (the family's conditioning branch: the layers that read only the timestep embedding)."""
+    if spec == EMBEDDING:
+        from dq.models.families import family_of
+
+        branch = family_of(denoiser).embedding_branch
+        return "acts float: embedding branch", _off(denoiser, lambda n: branch(n.rsplit(".", 1)[0]))
     block, _, kind = spec.partition(":")
     copies = kind_ablations(denoiser, block) if kind else block_ablations(denoiser)
     key = f"{kind} in {block}" if kind else block
@@ -186,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "dq"))
     ap.add_argument("--float-acts", nargs="+", default=[], metavar="BLOCK[:KIND]",
-                    help="extra FID rows: the student with one block's (or one layer kind's in it) activations float")
+                    help="extra FID rows: the student with one block's (or one layer kind's in it) activations "
+                         "float; 'embedding': the inputs of the layers that read only the timestep embedding")
     ap.add_argument("--per-block", action="store_true", help="x_0 error with each block's activations in float")
     ap.add_argument("--per-block-images", type=int, default=128)
     ap.add_argument("--within", default=None, metavar="BLOCK", help="with --per-block: one block, by layer kind")

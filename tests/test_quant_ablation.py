@@ -1,5 +1,6 @@
 """scripts/quant_ablation.py: which quantizers a row switches off, and its errors."""
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from dq.errors import DQError  # noqa: E402
 from dq.models.load import build_arch  # noqa: E402
 from dq.models.student import calibrate, prepare  # noqa: E402
 from dq.quant.config import QuantConfig  # noqa: E402
+from dq.quant.layers import iter_quant_layers  # noqa: E402
 
 
 def test_rows_switch_off_exactly_their_quantizers():
@@ -94,3 +96,17 @@ def test_float_acts_rows_pick_a_block_or_a_kind_in_it():
         float_acts_row(student, "nope:conv1")
     with pytest.raises(DQError, match=r"--float-acts 'nope' is not a block of this model; valid choices: stem, "):
         float_acts_row(student, "nope")
+
+
+def test_float_acts_embedding_row_is_the_student_quantize_embedding_acts_false_would_build():
+    from quant_ablation import float_acts_row
+    from dq.quant.quantizers import TemporalActQuantizer
+
+    qcfg = QuantConfig(w_bits=4, a_bits=4, timesteps=(900,))
+    student = prepare(build_arch("unet2d", seed=0).denoiser, qcfg)
+    name, row = float_acts_row(student, "embedding")
+    off = {n.removesuffix(".act_quant") for n, q in row.named_modules() if isinstance(q, TemporalActQuantizer)
+           and not q.enabled}
+    built = prepare(build_arch("unet2d", seed=0).denoiser, replace(qcfg, quantize_embedding_acts=False))
+    float_inputs = {n for n, layer in iter_quant_layers(built) if layer.act_quant is None}
+    assert name == "acts float: embedding branch" and off and off == float_inputs
