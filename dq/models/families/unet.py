@@ -209,8 +209,7 @@ class UNetFamily(ModelFamily):
             return whole_model(unet, self.blocks(unet, "block"))
 
         def stem(s: UNetState) -> UNetState:
-            t = s.timestep.to(s.sample.device) * torch.ones(s.sample.shape[0], dtype=s.timestep.dtype,
-                                                            device=s.sample.device)
+            t = s.timestep.to(s.sample.device).expand(s.sample.shape[0])  # a scalar or [B] timestep → [B]
             emb = unet.time_embedding(unet.time_proj(t).to(dtype=s.sample.dtype))
             if cond and unet.time_embed_act is not None:
                 emb = unet.time_embed_act(emb)
@@ -229,10 +228,8 @@ class UNetFamily(ModelFamily):
             return replace(s, sample=h, new=(h,))
 
         stem_modules = [unet.time_proj, unet.time_embedding, unet.conv_in]
-        if cond and unet.time_embed_act is not None:
-            stem_modules.append(unet.time_embed_act)
-        if labels:
-            stem_modules.append(unet.class_embedding)
+        stem_modules += [unet.time_embed_act] if cond and unet.time_embed_act is not None else []
+        stem_modules += [unet.class_embedding] if labels else []
         head_modules = [m for m in (unet.conv_norm_out, unet.conv_act, unet.conv_out) if m is not None]
         middle = _module_units(unet) if granularity == "module" else _block_units(unet)
         return [Block("stem", stem_modules, stem), *middle, Block("head", head_modules, head)]
