@@ -25,9 +25,10 @@ def test_pack_unpack_round_trip(bits, n):
     assert torch.equal(unpack(p, bits, [n, 3]), q)
 
 
-def _student(model, steps=4, w_bits=4, knots=0, a8=()):
+def _student(model, steps=4, w_bits=4, knots=0, a8=(), emb_acts=True):
     ts = tuple(sampler_timesteps(model, SamplerConfig(steps=steps)))
-    qcfg = QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts, tpq_knots=knots, a8_layers=a8)
+    qcfg = QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts, tpq_knots=knots, a8_layers=a8,
+                       quantize_embedding_acts=emb_acts)
     s = prepare(copy.deepcopy(model.denoiser), qcfg)
     g = torch.Generator().manual_seed(0)
     every_step = (torch.randn(len(ts), *model.sample_shape, generator=g), torch.tensor(ts))
@@ -42,10 +43,11 @@ def _student(model, steps=4, w_bits=4, knots=0, a8=()):
 A8 = ("up_blocks.2.resnets.0.conv_shortcut", "up_blocks.2.resnets.1")
 
 
-@pytest.mark.parametrize("w_bits,knots,a8", [(4, 0, ()), (8, 0, ()), (4, 3, ()), (4, 3, A8)])
-def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, knots, a8, tmp_path):
+@pytest.mark.parametrize("w_bits,knots,a8,emb_acts",
+                         [(4, 0, (), True), (8, 0, (), True), (4, 3, (), True), (4, 3, A8, True), (4, 0, (), False)])
+def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, knots, a8, emb_acts, tmp_path):
     model = build_arch("unet2d")
-    student, meta, (x, t) = _student(model, w_bits=w_bits, knots=knots, a8=a8)
+    student, meta, (x, t) = _student(model, w_bits=w_bits, knots=knots, a8=a8, emb_acts=emb_acts)
     out = export_student(student, meta, tmp_path / "exp")
     ref, qc = load_export(out, "reference")
     assert qc["layers"]["conv_in"]["w_bits"] == 8 and qc["timesteps"] == meta["quant"]["timesteps"]
@@ -54,6 +56,9 @@ def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, kno
     for n, layer in qc["layers"].items():
         if n in a8_named:
             assert (layer["w_bits"], layer["a_bits"]) == (w_bits, 8), n
+    float_in = {n: layer for n, layer in qc["layers"].items() if layer["a_bits"] is None}  # the timestep branch
+    assert set(float_in) == (set() if emb_acts else {n for n in qc["layers"] if student.family.embedding_branch(n)})
+    assert (emb_acts or len(float_in) >= 3) and all(layer["w_bits"] == w_bits for layer in float_in.values())
     with torch.no_grad():
         want = student.family.forward(student.denoiser, x, t)
         assert torch.equal(ref.family.forward(ref.denoiser, x, t), want)
