@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dq.errors import DQError  # noqa: E402
+from dq.errors import DQError, name_error, run_script  # noqa: E402
 from dq.quant.fake_quant import fake_quant_nograd, minmax_params  # noqa: E402
 
 GRIDS = ("learned", "mse", "split", "rotated", "8-bit")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in specs:
         if name not in modules or getattr(modules[name], "act_quant", None) is None:
             quantized = [n for n, m in modules.items() if getattr(m, "act_quant", None) is not None]
-            raise DQError(f"--layers {name!r} is not a layer with quantized inputs; e.g. {', '.join(quantized[-3:])}")
+            raise name_error("--layers", name, "layer with quantized inputs", quantized)
     seen = {n: ([], []) for n in specs}
 
     def record(name):
@@ -122,8 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DQError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

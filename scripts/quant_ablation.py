@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dq.errors import DQError  # noqa: E402
+from dq.errors import DQError, run_script  # noqa: E402
 
 EMBEDDING = "embedding"  # --float-acts spec: the conditioning branch (quant.quantize_embedding_acts)
 ROWS = ("fp", "student", "weights_only", "acts_only", "float")
@@ -243,8 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except DQError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from dq.errors import DQError  # noqa: E402
+from dq.errors import DQError, run_script  # noqa: E402
 from dq.models.families import family_of  # noqa: E402
 from dq.models.sampling import SamplerConfig, denoise, initial_noise, make_sampler  # noqa: E402
 
@@ -321,4 +321,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -47,7 +47,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dq.errors import DQError  # noqa: E402
+from dq.errors import DQError, run_script  # noqa: E402
 from dq.models.checkpoint import load_student  # noqa: E402
 from dq.quant.act_quantizer import TemporalActQuantizer  # noqa: E402
 from dq.quant.knots import KnotActQuantizer  # noqa: E402
@@ -242,7 +242,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DQError as e:
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -24,3 +24,16 @@ def test_split_helps_exactly_when_the_two_parts_differ_in_scale():
     assert err["rotated"] < 0.5 * err["mse"]  # a rotation spreads the wide channel over all of them
     with pytest.raises(DQError, match=r"split 16 must lie inside the layer's 16 input channels \(1..15\)"):
         grid_errors([x], [x], split=16)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--student", "nowhere/student.safetensors", "--layers", "a=1"], "--student 'nowhere/student.safetensors' does not exist"),
+    (["--student", __file__, "--layers", "conv_in"], "--layers 'conv_in' is not LAYER=SPLIT"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
+    from grid_error import main
+    from dq.errors import run_script
+    with pytest.raises(SystemExit) as exit_:
+        run_script(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1

@@ -13,12 +13,11 @@ to table rows; calling blocks directly needs ``with model.dq_step_index.use(rows
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Sequence
 
 from torch import Tensor, nn
 
-from dq.errors import DQError
+from dq.errors import name_error
 from dq.models.attention import restore_attention
 from dq.models.families import family_of
 from dq.quant import calibration
@@ -41,9 +40,7 @@ def layer_bits_of(model: nn.Module, family, qcfg: QuantConfig):
                      and (b := family.layer_bits(n, m, qcfg)) is not None and b[1] is not None]
         for p in qcfg.a8_layers:
             if not any(covered(n, p) for n in quantized):
-                near = difflib.get_close_matches(p, quantized, n=3, cutoff=0.5) or quantized[:3]
-                raise DQError(f"quant.a8_layers entry {p!r} names no layer with quantized activations; "
-                              f"layer names look like {', '.join(near)}")
+                raise name_error("quant.a8_layers entry", p, "layer with quantized activations", quantized)
 
     def bits(name: str, layer: nn.Module):
         b = family.layer_bits(name, layer, qcfg)
