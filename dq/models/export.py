@@ -10,11 +10,15 @@
 
 ``load_export(dir, runtime)`` rebuilds it without teacher or calibration: ``reference`` computes
 exactly the fake-quant student (bitwise: the weights are the dequantized integers the fake quantizer
-produced), ``int8`` runs every quantized conv / linear on oneDNN's u8 × s8 kernels (dq.quant.int8).
+produced), ``int8`` runs every quantized conv / linear on oneDNN's u8 × s8 kernels (dq.quant.int8),
+``compiled`` runs those layers inside one inductor graph per batch shape (dq.quant.compiled), and
+``auto`` (the default) picks the fastest of them this machine supports and logs which. Everything a
+file declares is checked against the rest before use: a tampered or mismatched export is one error line.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -31,12 +35,29 @@ from dq.models.families import model_class
 from dq.models.load import DiffusionModel
 from dq.models.student import prepare
 from dq.quant.config import QuantConfig
+from dq.quant.compiled import compile_int8
 from dq.quant.fake_quant import DELTA_MIN, qmax_of
+from dq.quant.int8 import available as int8_available, to_int8
 from dq.quant.layers import iter_quant_layers
 
 FORMAT = "dq-export-v1"
-RUNTIMES = ("reference", "int8")
+RUNTIMES = ("auto", "reference", "int8", "compiled")
 WEIGHTS = "model.safetensors"
+log = logging.getLogger("dq")
+
+
+def can_compile() -> bool:
+    """Whether torch.compile can build CPU kernels here: inductor needs a C++ compiler."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+
+
+def best_runtime() -> tuple[str, str]:
+    """(the fastest runtime this machine supports, why): compiled > int8 > reference (docs/runtime.md)."""
+    if not int8_available():
+        return "reference", "this torch build has no oneDNN int8 ops (not an x86 CPU build)"
+    if not can_compile():
+        return "int8", "no C++ compiler for torch.compile (install g++ for runtime=compiled)"
+    return "compiled", "oneDNN int8 ops and a C++ compiler for torch.compile are present"
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -106,10 +127,76 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / "quantization_config.json").is_file()
 
 
-def load_export(path: str | Path, runtime: str = "reference") -> tuple[DiffusionModel, dict[str, Any]]:
-    """(the exported student as a DiffusionModel on ``runtime``, its quantization_config)."""
+def resolve_runtime(runtime: str) -> str:
+    """``runtime`` checked against this machine; ``auto`` → :func:`best_runtime`, logged once per call."""
     if runtime not in RUNTIMES:
         raise choice_error("runtime", runtime, RUNTIMES)
+    if runtime == "auto":
+        runtime, why = best_runtime()
+        log.info("runtime=auto: %s (%s)", runtime, why)
+    elif runtime != "reference" and not int8_available():
+        raise DQError(f"runtime={runtime} needs torch's oneDNN int8 ops (an x86 CPU build of torch); "
+                      "use runtime=reference")
+    return runtime
+
+
+def use_runtime(model: torch.nn.Module, runtime: str) -> None:
+    """Put a prepared student (in eval mode, on the CPU) on a resolved runtime, in place: ``int8`` swaps its
+    quantized layers for integer kernels, ``compiled`` also runs them in one compiled graph."""
+    if runtime == "reference":
+        return
+    for _, layer in iter_quant_layers(model):
+        layer.weight_quant.enabled = True  # the int8 layers read the integers from the fake quantizer
+    to_int8(model)
+    if runtime == "compiled":
+        compile_int8(model)
+
+
+def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) -> None:
+    """Every tensor and layer entry the export declares agrees with the model its configs build: one line
+    naming the first disagreement otherwise (a hand-edited or mixed-up export must not sample silently)."""
+    want = model.state_dict()
+    layers = qc["layers"]
+    built = dict(iter_quant_layers(model))
+    if set(layers) != set(built):
+        odd = sorted(set(layers) ^ set(built))[0]
+        raise DQError(f"{path}: quantized layer {odd!r} is {'not built' if odd in layers else 'not listed'} by "
+                      f"quantization_config.json + config.json; the export's files do not belong together")
+    t = len(qc["timesteps"])
+    for name, info in layers.items():
+        layer, where = built[name], f"{path}: layer {name!r}"
+        a_bits = None if layer.act_quant is None else layer.act_quant.bits
+        if (info["w_bits"], info["a_bits"]) != (layer.weight_quant.bits, a_bits):
+            raise DQError(f"{where} is declared W{info['w_bits']}A{info['a_bits']} but quant "
+                          f"{qc['quant']['w_bits']}/{qc['quant']['a_bits']} builds it W{layer.weight_quant.bits}A{a_bits}")
+        if list(info["shape"]) != list(layer.weight.shape):
+            raise DQError(f"{where} has weight shape {info['shape']} but config.json builds {list(layer.weight.shape)}")
+        packed = tensors.get(f"{name}.weight_packed")
+        n = math.prod(info["shape"])
+        if packed is None or packed.numel() != (-(-n // 2) if info["w_bits"] <= 4 else n):
+            raise DQError(f"{where}: packed weight missing or of the wrong length for shape {info['shape']}")
+        qmax = qmax_of(info["w_bits"])
+        codes = unpack(packed, info["w_bits"], info["shape"])
+        z = tensors.get(f"{name}.weight_quant.zero_point")
+        if int(codes.max()) > qmax or z is None or bool(((z < 0) | (z > qmax) | (z != z.round())).any()):
+            raise DQError(f"{where}: integer weights or zero points outside the {info['w_bits']}-bit range 0..{qmax}")
+    for key, value in tensors.items():
+        if key.endswith(".weight_packed"):
+            continue
+        if key not in want:
+            raise DQError(f"{path}: tensor {key!r} has no place in the model config.json builds")
+        if tuple(value.shape) != tuple(want[key].shape):
+            table = key.endswith((".delta", ".zero_point", ".log_scale", ".zp_offset")) and ".weight_quant." not in key
+            hint = (f" (tables hold one row per timestep or per knot; quantization_config.json lists {t} timesteps)"
+                    if table else "")
+            raise DQError(f"{path}: tensor {key!r} has shape {list(value.shape)}, the model expects "
+                          f"{list(want[key].shape)}{hint}")
+
+
+def load_export(path: str | Path, runtime: str = "auto") -> tuple[DiffusionModel, dict[str, Any]]:
+    """(the exported student as a DiffusionModel on ``runtime``, its quantization_config, with the runtime
+    used under ``"runtime"``). ``auto`` picks :func:`best_runtime` and logs which."""
+    runtime = resolve_runtime(runtime)
     path = Path(path)
     try:
         qc = json.loads((path / "quantization_config.json").read_text())
@@ -120,8 +207,16 @@ def load_export(path: str | Path, runtime: str = "reference") -> tuple[Diffusion
         raise DQError(f"{str(path)!r} is not a readable dq export ({str(e).splitlines()[0]}); re-run export.py") from None
     if qc.get("format") != FORMAT:
         raise DQError(f"{str(path)!r} is not a dq export (expected format {FORMAT!r}, found {qc.get('format')!r})")
+    if list(qc["quant"].get("timesteps", [])) != list(qc.get("timesteps", [])):
+        raise DQError(f"{path}: quantization_config.json lists {len(qc.get('timesteps', []))} timesteps but its quant "
+                      f"section {len(qc['quant'].get('timesteps', []))}; the two must be the same schedule")
     quant = {**qc["quant"], "timesteps": tuple(qc["quant"]["timesteps"]), "skip": tuple(qc["quant"]["skip"]), "a8_layers": tuple(qc["quant"].get("a8_layers", ()))}
-    model = prepare(model_class(config.pop("_class_name")).from_config(config), QuantConfig(**quant))
+    try:
+        model = prepare(model_class(config.pop("_class_name")).from_config(config), QuantConfig(**quant))
+    except (TypeError, ValueError) as e:
+        raise DQError(f"{path}: config.json and quantization_config.json do not build a model "
+                      f"({str(e).splitlines()[0]})") from None
+    _check_tensors(path, model, tensors, qc)
     for name, info in qc["layers"].items():
         q = unpack(tensors.pop(f"{name}.weight_packed"), info["w_bits"], info["shape"]).float()
         shape = [-1] + [1] * (len(info["shape"]) - 1)
@@ -131,15 +226,8 @@ def load_export(path: str | Path, runtime: str = "reference") -> tuple[Diffusion
     model.eval().requires_grad_(False)
     for _, layer in iter_quant_layers(model):
         layer.weight_quant.enabled = False  # weights are already on their grid (re-quantizing is the identity)
-    if runtime == "int8":
-        from dq.quant.int8 import available, to_int8
-
-        if not available():
-            raise DQError("runtime=int8 needs torch's oneDNN int8 ops (an x86 CPU build of torch); use runtime=reference")
-        for _, layer in iter_quant_layers(model):
-            layer.weight_quant.enabled = True
-        to_int8(model)
-    return DiffusionModel(model, scheduler, f"export:{path}:{runtime}"), qc
+    use_runtime(model, runtime)
+    return DiffusionModel(model, scheduler, f"export:{path}:{runtime}"), {**qc, "runtime": runtime}
 
 
 def export_from_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
@@ -150,4 +238,5 @@ def export_from_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return export_student(student, meta, out)
 
 
-__all__ = ["export_student", "load_export", "export_from_checkpoint", "is_export", "pack", "unpack", "RUNTIMES"]
+__all__ = ["export_student", "load_export", "export_from_checkpoint", "is_export", "pack", "unpack", "RUNTIMES",
+           "best_runtime", "resolve_runtime", "use_runtime"]

@@ -12,15 +12,23 @@ so the only difference to the fake-quant float layer is where float rounding hap
 half to even), so both see the same integers — up to a value that lands exactly on a rounding boundary
 after a last-bit difference (a Weight-Dilation input scale is folded into the same multiply here). In
 a 4-bit network such a one-level difference propagates, so whole-model outputs agree less closely than
-single layers; quality is compared by FID (scripts/bench_runtime.py). W does not fit int8 for 8-bit weights (w_q − zw ∈ [−255, 255]):
-a per-channel offset o[c] is split off (W − o[c] ∈ [−128, 127]) and o[c]·Σ(x_q − zx) is added back
-exactly. Inference only. The packed weights (MKLDNN tensors) are built on first use, not saved.
+single layers; quality is compared by FID (scripts/bench_runtime.py). W does not fit int8 for 8-bit
+weights (w_q − zw ∈ [−255, 255]): a per-channel offset o[c] is split off (W − o[c] ∈ [−128, 127]) and
+o[c]·Σ(x_q − zx) is added back exactly.
+
+Every step of a call is tensor arithmetic (the row's (Δx, zx) are gathered, never read back to the
+host), so ``torch.compile`` traces a layer whole and fuses the quantization x → x_q into the kernel
+that produced x (dq.quant.compiled). Weights are packed for the kernels once, when the layer is built.
+A batch that mixes steps runs each step's samples with their own row. Inference only.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from dq.quant.fake_quant import DELTA_MIN, qmax_of
 from dq.quant.layers import QuantConv2d, QuantLinear
@@ -28,15 +36,57 @@ from dq.quant.layers import QuantConv2d, QuantLinear
 
 def available() -> bool:
     """Whether this torch build has the oneDNN int8 ops (x86 CPU builds do)."""
-    return hasattr(torch.ops.onednn, "qconv2d_pointwise") and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    return hasattr(torch.ops.onednn, "qconv_pointwise") and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
 def quantize_u8(x: Tensor, inv_delta: Tensor, zp: Tensor, bits: int) -> Tensor:
-    """uint8 clamp(round(x · inv_delta) + zp, 0, 2^b − 1): the fake quantizer's integers. ``inv_delta`` is
-    0-dim (or per channel, with Weight Dilation's input scale folded in); x keeps its layout (the
-    kernel reorders the 4× smaller uint8 tensor itself)."""
-    t = torch.mul(x, inv_delta)
-    return t.round_().add_(zp).clamp_(0, qmax_of(bits)).to(torch.uint8)
+    """uint8 clamp(round(x · inv_delta) + zp, 0, 2^b − 1): the fake quantizer's integers. ``inv_delta``
+    broadcasts against x (one value, or per channel with Weight Dilation's input scale folded in)."""
+    return torch.clamp(torch.round(x * inv_delta) + zp, 0, qmax_of(bits)).to(torch.uint8)
+
+
+# The integer kernels as two torch ops with shape functions, so that torch.compile traces through them
+# (inductor calls them as they are and fuses the quantization x → x_q into the code that produced x) with
+# the weights as ordinary graph inputs (no freezing: compiled graphs stay in inductor's on-disk cache).
+# oneDNN's packed weight layout is made once per weight tensor and kept beside it.
+_PACKED = WeakIdKeyDictionary()  # int8 weight tensor → its packed layout
+
+
+def _packed(w8: Tensor, w_scale: Tensor, conv: Optional[tuple[list[int], list[int], list[int]]]) -> Tensor:
+    if w8 not in _PACKED:  # the layout with zero-point compensation serves every zx (0 included)
+        _PACKED[w8] = (torch.ops.onednn.qlinear_prepack(w8, None) if conv is None else
+                       torch.ops.onednn.qconv_prepack(w8, w_scale, 0.5, 1, *conv, 1, None))
+    return _PACKED[w8]
+
+
+@torch.library.custom_op("dq::qconv2d", mutates_args=())
+def qconv2d(xq: Tensor, x_scale: Tensor, x_zp: Tensor, w8: Tensor, w_scale: Tensor, w_zp: Tensor,
+            bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    """float32 [N, C_out, H', W'] (channels-last) = Δx·Δw·conv(xq − zx, w8) + b; xq uint8 [N, C_in, H, W]."""
+    w = _packed(w8, w_scale, (stride, padding, dilation))
+    y = torch.ops.onednn.qconv_pointwise.tensor(xq, x_scale, x_zp, w, w_scale, w_zp, bias, stride, padding,
+                                                dilation, 1, 1.0, 0, torch.float32, "none", [], "")
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+@qconv2d.register_fake
+def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias, stride, padding, dilation):
+    hw = [(xq.shape[2 + i] + 2 * padding[i] - dilation[i] * (w8.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in (0, 1)]
+    return torch.empty((xq.shape[0], w8.shape[0], *hw), dtype=torch.float32, device=xq.device,
+                       memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("dq::qlinear", mutates_args=())
+def qlinear(xq: Tensor, x_scale: Tensor, x_zp: Tensor, w8: Tensor, w_scale: Tensor, w_zp: Tensor,
+            bias: Optional[Tensor]) -> Tensor:
+    """float32 [..., C_out] = Δx·Δw·(xq − zx)·w8ᵀ + b; xq uint8 [..., C_in]."""
+    return torch.ops.onednn.qlinear_pointwise.tensor(xq, x_scale, x_zp, _packed(w8, w_scale, None), w_scale, w_zp,
+                                                     bias, 1.0, 0, torch.float32, "none", [], "")
+
+
+@qlinear.register_fake
+def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias):
+    return xq.new_empty((*xq.shape[:-1], w8.shape[0]), dtype=torch.float32)
 
 
 def split_int8(w_int: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -63,111 +113,110 @@ class _Int8Base(nn.Module):
         z = torch.round(wq.zero_point.detach()).clamp(0, qmax)
         shape = [-1] + [1] * (layer.weight.dim() - 1)
         w = layer.weight.detach().float()
-        # Weight Dilation's 1/s where it could not be folded into a producer: applied to x, as the layer does
-        self.input_scale = None if bool((layer.input_scale == 1).all()) else layer.input_scale.detach().float()
+        w8, offset = split_int8(torch.clamp(torch.round(w * delta.view(shape).reciprocal()) + z.view(shape), 0, qmax)
+                                - z.view(shape))
+        # buffers, not saved (an int8 model is built from its source), moved with the module
+        buffers = {"w8": w8, "offset": offset, "w_scale": delta, "_wzp": torch.zeros(w8.shape[0], dtype=torch.long),
+                   "bias": None if layer.bias is None else layer.bias.detach().float(),
+                   # Weight Dilation's 1/s where it could not be folded into a producer: applied to x, as the layer does
+                   "input_scale": None if bool((layer.input_scale == 1).all()) else layer.input_scale.detach().float(),
+                   "_row0": torch.zeros(1, dtype=torch.long)}  # shared tables: the one row
+        for k, v in buffers.items():
+            self.register_buffer(k, v, persistent=False)
         self._axis = layer._channel_axis
-        w_q = torch.clamp(torch.round(w * delta.view(shape).reciprocal()) + z.view(shape), 0, qmax)
-        self.w8, self.offset = split_int8(w_q - z.view(shape))
-        self.w_scale = delta
-        self.bias = None if layer.bias is None else layer.bias.detach().float()
         self.act = layer.act_quant                     # TemporalActQuantizer: tables + step index
-        self._wzp = torch.zeros(self.w8.shape[0], dtype=torch.long)
-        self._packed: dict[bool, Tensor] = {}
 
-    def _groups(self, x: Tensor) -> list[tuple[Tensor | None, float, Tensor, Tensor]]:
-        """[(sample mask or None for all, Δx, 1/Δx, zx)] — one entry per distinct step row in the batch."""
-        rows = self.act._rows(x)
-        if rows is None or rows.numel() == 1:
-            return [(None, *self._row(rows))]
-        return [(rows == r, *self._row(r.reshape(1))) for r in torch.unique(rows)]
-
-    def _row(self, rows: Tensor | None) -> tuple[float, Tensor, Tensor]:
-        """Δx, 1/Δx, zx of one row, as the quantizer computes them (a table row or the knot form)."""
-        with torch.no_grad():
-            delta, zp = self.act._row_params(rows)
-        d = delta.reshape(-1)[0]
-        return float(d), d.reciprocal(), torch.round(zp.reshape(-1)[0]).clamp(0, qmax_of(self.act.bits))
-
-    def _scaled_inv(self, inv: Tensor, x: Tensor) -> Tensor:
-        """1/Δx, times Weight Dilation's input scale per channel where it was not folded: one multiply of
-        x instead of two (x·s·(1/Δx) may round differently from (x·s)·(1/Δx) in the last bit, which
-        can move a value exactly on a rounding boundary to the neighbouring level)."""
-        if self.input_scale is None:
-            return inv
-        shape = [1] * x.ndim
-        shape[self._axis] = -1
-        return (self.input_scale * inv).view(shape)
+    def _row(self, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(Δx [1], 1/Δx broadcastable to x, zx [1]) of one table row, as the quantizer computes them."""
+        delta, zp = self.act._row_params(row)
+        delta, zp = delta.reshape(1).float(), zp.reshape(1).float()
+        inv = delta.reciprocal()
+        if self.input_scale is not None:  # x·s·(1/Δx) in one multiply, as the fake layer rounds it
+            shape = [1] * (4 if self._axis == 1 else 1)
+            shape[self._axis] = -1
+            inv = (self.input_scale * inv).view(shape)
+        return delta, inv, torch.round(zp).clamp(0, qmax_of(self.act.bits))
 
     def forward(self, x: Tensor) -> Tensor:
-        groups = self._groups(x)
-        if len(groups) == 1:
-            return self._run(x, *groups[0][1:])
-        out = None
-        for mask, *row in groups:
-            y = self._run(x[mask], *row)
-            out = x.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+        rows = self.act._rows(x)
+        if rows is None or rows.numel() == 1:
+            return self._run(x, *self._row(self._row0 if rows is None else rows))
+        out = None  # a batch that mixes steps: each step's samples with their row
+        for r in torch.unique(rows):
+            mask = rows == r
+            y = self._run(x[mask], *self._row(r.reshape(1)))
+            out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
             out[mask] = y
         return out
 
+    def _add_offset(self, y: Tensor, s: Tensor, dx: Tensor) -> Tensor:
+        """y + o[c]·Δx·Δw[c]·s, s = Σ(x_q − zx) over the inputs each output reads (exact integers)."""
+        coef = (dx.double() * self.w_scale.double() * self.offset.double()).float()
+        return y + s * coef.view(1, -1, *([1] * (y.dim() - 2)))
+
 
 class Int8Conv2d(_Int8Base):
-    """QuantConv2d run as u8 × s8 oneDNN convolution with float32 output (channels-last)."""
+    """QuantConv2d run as u8 × s8 oneDNN convolution."""
 
     def __init__(self, layer: QuantConv2d) -> None:
-        super().__init__(layer)
         if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise ValueError("int8 convolution needs groups=1, integer zero padding")
         self.stride, self.padding = list(layer.stride), list(layer.padding)
         self.dilation = list(layer.dilation)
-        if self.offset is not None:
-            self._ones = torch.ones(1, 1, *self.w8.shape[2:])
+        super().__init__(layer)
+        self.register_buffer("_ones", torch.ones(1, 1, *self.w8.shape[2:]), persistent=False)
+        _packed(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
 
-    def _weight(self, zp_nonzero: bool) -> Tensor:
-        # x_scale / x_zp given to the prepack only pick the packed format (with or without the zero-point
-        # compensation); the call's own scale and zero point are used at run time.
-        if zp_nonzero not in self._packed:
-            self._packed[zp_nonzero] = torch.ops.onednn.qconv_prepack(
-                self.w8, self.w_scale, 0.5, int(zp_nonzero), self.stride, self.padding, self.dilation, 1, None)
-        return self._packed[zp_nonzero]
-
-    @torch.no_grad()
-    def _run(self, x: Tensor, dx: float, inv: Tensor, zp: Tensor) -> Tensor:
-        xq = quantize_u8(x, self._scaled_inv(inv, x), zp, self.act.bits)
-        z = int(zp)
-        y = torch.ops.onednn.qconv2d_pointwise(xq, dx, z, self._weight(z != 0), self.w_scale, self._wzp, self.bias,
-                                               self.stride, self.padding, self.dilation, 1, 1.0, 0, torch.float32,
-                                               "none", [], "")
+    def _run(self, x: Tensor, dx: Tensor, inv: Tensor, zp: Tensor) -> Tensor:
+        xq = quantize_u8(x, inv, zp, self.act.bits)
+        y = qconv2d(xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias, self.stride, self.padding,
+                    self.dilation)
         if self.offset is not None:  # o[c] · Σ (x_q − zx) over C_in and the window, in exact integers
-            s = xq.sum(1, keepdim=True, dtype=torch.int32).sub_(z * xq.shape[1]).float()
-            s = F.conv2d(s, self._ones, None, self.stride, self.padding, self.dilation)
-            y.addcmul_(s, (dx * self.w_scale.double() * self.offset.double()).float().view(1, -1, 1, 1))
-        return y.contiguous()  # oneDNN returns channels-last; GroupNorm and friends are slow on it here
+            s = (xq.sum(1, keepdim=True, dtype=torch.int32) - zp.long() * xq.shape[1]).float()
+            y = self._add_offset(y, F.conv2d(s, self._ones, None, self.stride, self.padding, self.dilation), dx)
+        # oneDNN writes channels-last: eager GroupNorm and friends are slow on it, compiled kernels are not
+        return y if torch.compiler.is_compiling() else y.contiguous()
 
 
 class Int8Linear(_Int8Base):
-    """QuantLinear run as u8 × s8 oneDNN matmul with float32 output; input [..., C_in]."""
+    """QuantLinear run as u8 × s8 oneDNN matmul; input [..., C_in]."""
 
-    @torch.no_grad()
-    def _run(self, x: Tensor, dx: float, inv: Tensor, zp: Tensor) -> Tensor:
-        if not self._packed:
-            self._packed[True] = torch.ops.onednn.qlinear_prepack(self.w8, None)
-        xq = quantize_u8(x, self._scaled_inv(inv, x), zp, self.act.bits)
-        z = int(zp)
-        y = torch.ops.onednn.qlinear_pointwise(xq, dx, z, self._packed[True], self.w_scale, self._wzp, self.bias,
-                                               1.0, 0, torch.float32, "none", [], "")
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__(layer)
+        _packed(self.w8, self.w_scale, None)  # at load, not at first call
+
+    def _run(self, x: Tensor, dx: Tensor, inv: Tensor, zp: Tensor) -> Tensor:
+        xq = quantize_u8(x, inv, zp, self.act.bits)
+        y = qlinear(xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias)
         if self.offset is not None:
-            s = xq.sum(-1, keepdim=True, dtype=torch.int32).sub_(z * xq.shape[-1]).float()
-            y.addcmul_(s, (dx * self.w_scale.double() * self.offset.double()).float())
+            s = (xq.sum(-1, keepdim=True, dtype=torch.int32) - zp.long() * xq.shape[-1]).float()
+            y = self._add_offset(y.movedim(-1, 1), s.movedim(-1, 1), dx).movedim(1, -1)
         return y
+
+
+def _frozen_float(layer: QuantConv2d | QuantLinear) -> nn.Module:
+    """A layer whose input stays float, as a plain float layer with its fake-quantized weight (computed once)."""
+    m = layer.to_float()
+    with torch.no_grad():
+        shape = [1] * layer.weight.ndim
+        shape[1] = -1
+        m.weight.copy_(layer.weight_quant(layer.weight) * layer.input_scale.view(shape))
+    return m.requires_grad_(False)
 
 
 def to_int8(model: nn.Module) -> list[str]:
     """Swap every QuantConv2d / QuantLinear with an activation quantizer for its int8 kernel (in place);
-    layers whose input stays in float keep their fake-quant form. Returns the swapped names."""
+    layers whose input stays float become float layers holding their quantized weight. Returns the
+    names of the int8 layers."""
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, (QuantConv2d, QuantLinear)) and child.act_quant is not None:
-                setattr(parent, child_name, (Int8Conv2d if isinstance(child, QuantConv2d) else Int8Linear)(child))
-                swapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+            if not isinstance(child, (QuantConv2d, QuantLinear)):
+                continue
+            if child.act_quant is None:
+                setattr(parent, child_name, _frozen_float(child))
+                continue
+            cls = Int8Conv2d if isinstance(child, QuantConv2d) else Int8Linear
+            setattr(parent, child_name, cls(child))
+            swapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     return swapped

@@ -2,7 +2,8 @@
 
     python eval.py                                      # the configured model (default: the embedded teacher)
     python eval.py ckpt_path=outputs/quantize/<run>/student.safetensors [task.with_teacher=true]
-    python eval.py ckpt_path=<export dir> runtime=int8         # an export folder, on the integer kernels
+    python eval.py ckpt_path=<export dir>                      # an export folder, on the fastest runtime here
+    python eval.py ckpt_path=<export dir> runtime=reference    # ... or a named one: reference | int8 | compiled
 
 A student checkpoint carries its configuration, so its path is all eval needs: it is sampled with
 the sampler it was trained for, and ``task.with_teacher=true`` adds the FP teacher its run started
@@ -28,11 +29,10 @@ from dq.errors import DQError
 from dq.evaluation import evaluate_models, format_table, log_results
 from dq.metrics.features import make_backend
 from dq.models.checkpoint import load_student
-from dq.models.export import is_export, load_export
+from dq.models.export import is_export, load_export, resolve_runtime, use_runtime
 from dq.models.conditioning import prompt_of, with_prompts
 from dq.models.load import DiffusionModel, ModelConfig, load_model
 from dq.models.sampling import SamplerConfig, sampler_timesteps
-from dq.quant.int8 import to_int8
 from dq.quant.retarget import retarget
 from dq.tasks.common import (command_line, finish_logger, load_teacher, make_logger, protocol, run_device, run_dir,
                              write_results)
@@ -74,15 +74,20 @@ def match_student_steps(meta: dict[str, Any], student: DiffusionModel, sampler: 
 def load_checkpoint(cfg: DictConfig) -> tuple[SamplerConfig, DiffusionModel, dict[str, torch.nn.Module], dict[str, Any]]:
     """(the resolved sampler, the student, models to evaluate, info for results.json)."""
     path = str(cfg.ckpt_path)
+    runtime = str(cfg.runtime)
+    if runtime == "auto" and run_device(cfg).type != "cpu":
+        runtime = "reference"  # the integer kernels are CPU kernels
+        log.info("runtime=auto on %s: reference", run_device(cfg))
     if is_export(path):  # a folder written by export.py
-        student, qc = load_export(path, str(cfg.runtime))
+        student, qc = load_export(path, runtime)
+        runtime = qc["runtime"]
         prov = qc.get("provenance") or {}
         meta = {"quant": qc["quant"], "sampler": qc["sampler"], "teacher": prov.get("teacher"),
                 "run_config": prov.get("run_config")}
     else:
         student, meta = load_student(path)
-        if cfg.runtime == "int8":
-            to_int8(student.denoiser)
+        runtime = resolve_runtime(runtime)
+        use_runtime(student.denoiser.eval(), runtime)
     sampler = resolve_sampler(cfg, meta["sampler"])
     mapping = match_student_steps(meta, student, sampler)
     models: dict[str, torch.nn.Module] = {}
@@ -103,7 +108,7 @@ def load_checkpoint(cfg: DictConfig) -> tuple[SamplerConfig, DiffusionModel, dic
         if cfg.task.with_teacher:
             models["fp"] = teacher.to(run_device(cfg)).denoiser
     models["student"] = student.denoiser
-    info = {"ckpt_path": path, "runtime": str(cfg.runtime), "model": meta["teacher"], "quant": meta["quant"],
+    info = {"ckpt_path": path, "runtime": runtime, "model": meta["teacher"], "quant": meta["quant"],
             "trained_sampler": meta["sampler"], "tpq_mapping": mapping}
     return sampler, student, models, info
 

@@ -1,0 +1,70 @@
+"""The compiled integer runtime: a prepared int8 model's forward, traced once by ``torch.compile``
+(inductor, weights frozen) with the table row of the call's timestep as a graph input. Torch only.
+
+Why compile: an int8 layer is fast only if nothing around its kernel is slow. Eager PyTorch runs one
+pass per elementwise op (GroupNorm, SiLU, the quantization x → x_q, residual adds) and one Python
+call per op; inductor fuses the quantization into the kernel that produced x (one pass writes the
+uint8 codes) and removes the Python, while the convolutions and matmuls stay on oneDNN's u8 × s8
+kernels (the ops ``dq::qconv2d`` / ``dq::qlinear`` of dq.quant.int8, which inductor calls as they are).
+
+Per-step (TPQ) parameters stay runtime inputs: the row is an argument of the graph and each layer
+gathers its (Δx, zx) from its table in the graph, so one graph serves every step of every schedule the
+tables were moved to. A call whose samples sit at different steps runs the same int8 layers eagerly,
+each step's samples with their own row (the graph takes one row per call). Compiled graphs are kept by
+inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``), so a second process compiles in seconds.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _Step(nn.Module):
+    """The traced unit: (row, the model's arguments) → its output."""
+
+    def __init__(self, model: nn.Module, forward: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.eager = forward
+
+    def forward(self, row: Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.model.dq_step_index.current = row  # what the pre-forward hook set, now a graph input
+        return self.eager(*args, **kwargs)
+
+
+class CompiledForward:
+    """Replaces ``model.forward`` (a prepared model with int8 layers and ``dq_step_index``): single-row
+    calls run the compiled graph, mixed-row calls the eager layers. Install with :func:`compile_int8`."""
+
+    def __init__(self, model: nn.Module, forward: Callable[..., Any]) -> None:
+        self.model = model
+        self.eager = forward
+        self._graph: Callable[..., Any] | None = None
+        self._key: tuple | None = None
+
+    def _compiled(self) -> Callable[..., Any]:
+        t = self.model.dq_step_index.timesteps  # tables moved to another schedule (retarget): trace again
+        key = (t.data_ptr(), t._version, t.numel())
+        if self._graph is None or key != self._key:
+            self._graph = torch.compile(_Step(self.model, self.eager))
+            self._key = key
+        return self._graph
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rows = self.model.dq_step_index.current
+        if rows is not None and rows.numel() > 1:
+            return self.eager(*args, **kwargs)
+        row = torch.zeros(1, dtype=torch.long) if rows is None else rows.reshape(1)
+        with torch.no_grad():
+            return self._compiled()(row, *args, **kwargs)
+
+
+def compile_int8(model: nn.Module) -> CompiledForward:
+    """Run ``model`` (prepared, its quantized layers swapped by ``dq.quant.int8.to_int8``) through the
+    compiled graph from its next call on; returns the installed forward."""
+    fwd = CompiledForward(model, model.forward)
+    model.forward = fwd
+    return fwd

@@ -1,0 +1,160 @@
+"""The fast runtime: compiled int8 layers agree with the fake-quant reference per layer and per table row,
+the runtime is picked by what the machine has, and a tampered export fails on load in one line."""
+import json
+import logging
+
+import pytest
+import torch
+
+from dq.errors import DQError
+from dq.models import export as export_mod
+from dq.models.export import export_student, load_export
+from dq.models.load import build_arch
+from dq.quant.int8 import Int8Conv2d, Int8Linear, available
+from dq.quant.layers import iter_quant_layers
+from dq.quant.prepare import rows_of
+from test_export import _student
+
+needs_int8 = pytest.mark.skipif(not available(), reason="no oneDNN int8 ops in this torch build")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A W4A4 student of the tiny UNet (knot-form TPQ: every row differs) with some 8-bit-weight layers."""
+    model = build_arch("unet2d")
+    student, meta, batch = _student(model, knots=3)
+    return student, export_student(student, meta, tmp_path_factory.mktemp("exp") / "exp"), batch
+
+
+def _inputs(fake, x, t):
+    """{layer name: (its input, the fake-quant layer's output)} of one reference model call."""
+    seen = {}
+    hooks = [layer.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
+             for n, layer in iter_quant_layers(fake.denoiser)]
+    with torch.no_grad():
+        fake.family.forward(fake.denoiser, x, t)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@needs_int8
+def test_compiled_layers_agree_with_reference_per_layer_on_every_row_of_a_mixed_batch(exported):
+    student, folder, (x, t) = exported
+    assert len(set(t.tolist())) > 1  # the batch mixes steps
+    seen = _inputs(student, x, t)
+    fast, qc = load_export(folder, "compiled")
+    mods = dict(fast.denoiser.named_modules())
+    picked = {}  # one of each kind: a conv with a Weight-Dilation input scale, an 8-bit-weight conv, a linear
+    for n, m in mods.items():
+        if isinstance(m, Int8Conv2d) and m.input_scale is not None:
+            picked.setdefault("conv, input scale", n)
+        if isinstance(m, Int8Conv2d) and m.offset is not None:
+            picked.setdefault("conv, 8-bit weights", n)
+        if isinstance(m, Int8Linear):
+            picked.setdefault("linear", n)
+    assert len(picked) == 3, picked
+    rows = rows_of(fast.denoiser, t)
+    si = fast.denoiser.dq_step_index
+    for kind, name in picked.items():
+        layer = torch.compile(mods[name])  # the layer as the graph runs it: one row per call, a runtime input
+        a, want = seen[name]
+        for r in torch.unique(rows):
+            mask = rows == r
+            with torch.no_grad(), si.use(r.reshape(1)):
+                got = layer(a[mask])
+            err = ((got - want[mask]).norm() / want[mask].norm()).item()
+            assert err <= 1e-3, (kind, name, int(r), err)
+
+
+@needs_int8
+def test_compiled_model_serves_every_step_and_mixed_batches(exported):
+    student, folder, (x, t) = exported
+    fast, _ = load_export(folder, "compiled")
+    eager, _ = load_export(folder, "int8")
+    with torch.no_grad():
+        for step in sorted(set(t.tolist()))[:2]:  # two steps: one graph, the row is an input
+            tt = torch.full((x.shape[0],), step)
+            a, b = fast.family.forward(fast.denoiser, x, tt), eager.family.forward(eager.denoiser, x, tt)
+            ref = student.family.forward(student.denoiser, x, tt)
+            assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max())
+            assert float((a - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+        # a batch that mixes steps runs the same int8 layers, each step's samples with its row
+        assert torch.equal(fast.family.forward(fast.denoiser, x, t), eager.family.forward(eager.denoiser, x, t))
+
+
+def test_auto_picks_what_the_machine_supports_and_says_so(exported, monkeypatch, caplog):
+    _, folder, _ = exported
+    caplog.set_level(logging.INFO, logger="dq")
+    monkeypatch.setattr(export_mod, "int8_available", lambda: False)
+    model, qc = load_export(folder)
+    assert qc["runtime"] == "reference" and model.name.endswith(":reference")
+    assert "runtime=auto: reference" in caplog.text and "no oneDNN int8 ops" in caplog.text
+    with pytest.raises(DQError, match="runtime=int8 needs torch's oneDNN int8 ops"):
+        load_export(folder, "int8")
+    if available():
+        monkeypatch.setattr(export_mod, "int8_available", lambda: True)
+        monkeypatch.setattr(export_mod, "can_compile", lambda: False)
+        assert load_export(folder)[1]["runtime"] == "int8"
+        monkeypatch.setattr(export_mod, "can_compile", lambda: True)
+        assert load_export(folder)[1]["runtime"] == "compiled"
+    with pytest.raises(DQError, match="unknown runtime 'fast'; valid choices: auto, reference, int8, compiled"):
+        load_export(folder, "fast")
+
+
+def _edit(folder, tmp_path, name, edit):
+    import shutil
+    out = tmp_path / "tampered"
+    shutil.copytree(folder, out)
+    data = json.loads((out / name).read_text())
+    edit(data)
+    (out / name).write_text(json.dumps(data))
+    return out
+
+
+def _first_layer(qc, w_bits):
+    return next(n for n, info in qc["layers"].items() if info["w_bits"] == w_bits)
+
+
+@pytest.mark.parametrize("what,edit,message", [
+    ("global weight bits", lambda qc: qc["quant"].update(w_bits=3), "is declared W4A4 but quant 3/4 builds it W3A4"),
+    ("a layer's weight bits", lambda qc: qc["layers"][_first_layer(qc, 4)].update(w_bits=3),
+     "is declared W3A4 but quant 4/4 builds it W4A4"),
+    ("every 4-bit width, consistently", lambda qc: [qc["quant"].update(w_bits=3)] + [
+        layer.update(w_bits=3) for layer in qc["layers"].values() if layer["w_bits"] == 4],
+     "integer weights or zero points outside the 3-bit range 0..7"),
+    ("a layer's shape", lambda qc: qc["layers"][_first_layer(qc, 4)].update(shape=[3, 3]), "has weight shape [3, 3]"),
+    ("the timesteps", lambda qc: (qc["timesteps"].pop(), qc["quant"]["timesteps"].pop()), "has shape"),
+    ("one timestep list", lambda qc: qc["timesteps"].pop(), "the two must be the same schedule"),
+])
+def test_a_tampered_export_fails_in_one_line(exported, tmp_path, what, edit, message):
+    _, folder, _ = exported
+    bad = _edit(folder, tmp_path, "quantization_config.json", edit)
+    with pytest.raises(DQError) as e:
+        load_export(bad, "reference")
+    assert message in str(e.value) and "\n" not in str(e.value), (what, str(e.value))
+
+
+def test_an_export_whose_config_builds_another_model_fails_in_one_line(exported, tmp_path):
+    _, folder, _ = exported
+    bad = _edit(folder, tmp_path, "config.json", lambda c: c.update(block_out_channels=[c["block_out_channels"][0] * 2,
+                                                                                      *c["block_out_channels"][1:]]))
+    with pytest.raises(DQError) as e:
+        load_export(bad, "reference")
+    msg = str(e.value)  # the first layer the two files disagree on: one that is not built, or of another shape
+    assert ("do not belong together" in msg or "config.json builds" in msg) and "\n" not in msg, msg
+
+
+def test_tables_of_the_wrong_length_name_the_timesteps(exported, tmp_path):
+    """A table whose row count disagrees with the timesteps in quantization_config.json."""
+    from safetensors.torch import load_file, save_file
+    import shutil
+    _, folder, _ = exported
+    out = tmp_path / "rows"
+    shutil.copytree(folder, out)
+    tensors = load_file(str(out / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("act_quant.log_scale"))
+    tensors[key] = torch.cat([tensors[key], tensors[key][:1]])
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(DQError, match=f"tensor '{key}' has shape .* one row per timestep"):
+        load_export(out, "reference")
