@@ -1,21 +1,30 @@
-"""Is the exported student smaller and faster? Disk size, speed of FP / reference / int8, and the FID of
-the int8 runtime next to the reference runtime — one table, written to docs/runtime.md.
+"""Is the exported student the fastest thing its user can run? One denoiser call of each model a user of
+this CPU could deploy instead — float32, bf16 autocast, bf16 + torch.compile, torch's own static int8
+flow (PT2E X86InductorQuantizer W8A8 + compile, inductor freezing on), torchao's dynamic int8 — next to
+every dq runtime of the W4A4 export (and the W4A8 / W8A8 exports at the main job's batch), interleaved
+round by round in one process, median taken; plus export sizes, the CPU and the oneDNN ISA the kernels
+used. Written to docs/runtime.md.
 
-    python scripts/bench_runtime.py                                  # size + speed on ddpm-cifar10 (random init)
-    python scripts/bench_runtime.py --student outputs/quantize/<run>/student.safetensors --fid-samples 1000
+    python scripts/bench_runtime.py                        # every cell (arch:batch) not measured yet on this CPU
+    python scripts/bench_runtime.py --cells digits:250     # one cell
+    python scripts/bench_runtime.py --fid outputs/.../student.safetensors   # FID of each runtime, 1,000 images
 
-Speed: one denoiser call on a batch (default 16 images at one DDIM step), the three models interleaved
-round by round and the median taken, so the ratios come from one run on one machine state.
-Student: W4A4 (first/last layers 8-bit), TPQ tables for DDIM 100, Weight Dilation, min–max tables from
-a few random batches (speed does not depend on the values). int8 runs every quantized conv / linear on
-oneDNN's u8 × s8 kernels; the attention matmuls (q·kᵀ, P·v) stay fake-quantized in float.
-FID: the student's own sampler, the same seeds and noise for both runtimes, digits features.
+Cells are resumable: each runs in its own process and writes benchmarks/runtime/<cpu>/<arch>_b<batch>.json;
+a cell already there is kept (--force measures it again), so an interrupted run continues where it stopped.
+Students: random weights at the main job's quantization (W4A4, continuous TPQ over 4 knots, DDIM 50
+tables, Weight Dilation, min–max tables) — speed does not depend on the values. The PT2E and torchao
+rows need torchao (pip install -r requirements-bench.txt).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,121 +32,299 @@ from pathlib import Path
 
 import torch
 
+from dq.errors import DQError, run_script
+from dq.models.conditioning import cond_fn_for
+from dq.models.export import export_student, load_export
+from dq.models.load import DiffusionModel, ModelConfig, build_arch, load_model
+from dq.models.sampling import SamplerConfig, sampler_timesteps
+from dq.models.student import calibrate, prepare, weight_dilation
+from dq.quant.config import QuantConfig
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from dq.models.export import export_student, load_export  # noqa: E402
-from dq.models.load import DiffusionModel, build_arch  # noqa: E402
-from dq.models.sampling import SamplerConfig, sampler_timesteps  # noqa: E402
-from dq.models.student import calibrate, prepare, weight_dilation  # noqa: E402
-from dq.quant.config import QuantConfig  # noqa: E402
+CELLS = ("digits:250", "digits:1", "ddpm_cifar10:16", "ddpm_cifar10:1", "dit_xl2:2")
+PEERS = ("FP bf16 + compile", "PT2E W8A8 + compile")  # the rows a user would pick instead of dq
+BITS = {"W4A4": (4, 4), "W4A8": (4, 8), "W8A8": (8, 8)}
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """CPU model, the ISA flags that decide the kernels, torch's CPU capability."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.*)", text)
+    flags = set((re.search(r"flags\s*:\s*(.*)", text) or re.search("()", "")).group(1).split())
+    return {"model": model.group(1).strip() if model else platform.processor() or platform.machine(),
+            "flags": [f for f in FLAGS if f in flags], "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__}
+
+
+def cpu_slug(info: dict) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", f"{info['model']} {'amx' if 'amx_int8' in info['flags'] else 'noamx'}".lower()).strip("-")
+
+
+ISA_PROBE = """
+import torch
+from dq.quant.int8 import qconv2d, qlinear
+x = torch.randint(0, 16, (2, 64, 8, 8), dtype=torch.uint8)
+w = torch.randint(-8, 8, (64, 64, 3, 3), dtype=torch.int8)
+s, z = torch.tensor([0.1]), torch.tensor([3])
+qconv2d(x, s, z, w, torch.rand(64), torch.zeros(64, dtype=torch.long), None, [1, 1], [1, 1], [1, 1])
+qlinear(x.reshape(-1, 64), s, z, w[:, :, 0, 0].contiguous(), torch.rand(64), torch.zeros(64, dtype=torch.long), None)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    torch.nn.functional.conv2d(torch.randn(2, 64, 8, 8), torch.randn(64, 64, 3, 3), padding=1)
+"""
+
+
+def onednn_isa() -> dict:
+    """The implementation oneDNN picked for dq's int8 conv / matmul and a bf16 conv (ONEDNN_VERBOSE=1)."""
+    out = subprocess.run([sys.executable, "-c", ISA_PROBE], capture_output=True, text=True,
+                         env={**os.environ, "ONEDNN_VERBOSE": "1"}).stdout
+    impl = {}
+    for line in out.splitlines():
+        f = line.split(",")
+        if len(f) > 6 and f[0] == "onednn_verbose" and "exec" in f:
+            i = f.index("exec")
+            kind, name, src = f[i + 2], f[i + 3], f[i + 5] if len(f) > i + 5 else ""
+            dt = "int8" if "u8" in src or "s8" in src else "bf16" if "bf16" in src else "f32"
+            if kind in ("convolution", "matmul", "inner_product"):
+                impl.setdefault(f"{kind} {dt}", name)
+    return impl
+
+
+def student(teacher: DiffusionModel, bits: tuple[int, int], folder: Path) -> Path:
+    """The export folder of a random-weight student at the main job's quantization."""
+    ts = tuple(sampler_timesteps(teacher, SamplerConfig(steps=50)))
+    qcfg = QuantConfig(w_bits=bits[0], a_bits=bits[1], timesteps=ts, tpq_knots=4)
+    s = prepare(copy.deepcopy(teacher.denoiser), qcfg)
+    g = torch.Generator().manual_seed(0)
+    shape = teacher.sample_shape
+    batches = [(torch.randn(len(ts[i::25]), *shape, generator=g), torch.tensor(ts[i::25])) for i in range(25)]
+    cond = cond_fn_for(teacher, 0)
+    if cond is not None:
+        batches = [(x, t, cond(torch.arange(len(t)))[0]) for x, t in batches]
+    weight_dilation(s, batches[:4])
+    calibrate(s, batches, "minmax")
+    meta = {"quant": json.loads(json.dumps(qcfg.__dict__, default=list)), "sampler": {"name": "ddim", "steps": 50},
+            "method": {"name": "speed-only (random weights, min–max tables)"}, "teacher": teacher.name}
+    return export_student(DiffusionModel(s, teacher.scheduler, "student"), meta, folder)
+
+
+class _Call(torch.nn.Module):
+    """(x, t[, cond]) → ε: the signature torch.export and the PT2E flow need."""
+
+    def __init__(self, model: DiffusionModel) -> None:
+        super().__init__()
+        self.model, self.family = model.denoiser, model.family
+
+    def forward(self, x, t, cond=None):
+        return self.family.forward(self.model, x, t, cond)
+
+
+def pt2e(model: DiffusionModel, args: tuple) -> torch.nn.Module:
+    """torch's static int8 flow as its docs give it: export, X86InductorQuantizer defaults, calibrate, convert."""
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except ImportError:
+        raise DQError("the PT2E row needs torchao: pip install -r requirements-bench.txt (or --rows without it)") from None
+    exported = torch.export.export(_Call(copy.deepcopy(model)).eval(), args).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(exported, quantizer)
+    for _ in range(2):
+        prepared(*args)
+    return torch.compile(convert_pt2e(prepared))
+
+
+def torchao_dynamic(model: DiffusionModel) -> torch.nn.Module:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    m = _Call(copy.deepcopy(model)).eval()
+    quantize_(m, Int8DynamicActivationInt8WeightConfig())
+    return m
+
+
+def rows_for(teacher: DiffusionModel, batch: int, main_batch: bool, tmp: Path) -> tuple[dict, dict]:
+    """{row name: callable(x, t, cond)} and {row name: disk MB} for one cell."""
+    fp = _Call(teacher).eval()
+    x, t, cond = example(teacher, batch)
+    float_args = (x, t.float(), cond) if cond is not None else (x, t.float())  # PT2E observes t: a float tensor
+
+    def autocast(f):
+        def run(*a):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return f(*a)
+        return run
+
+    compiled_fp = torch.compile(copy.deepcopy(fp))
+    rows = {"FP float32": fp, "FP bf16 autocast": autocast(fp), "FP bf16 + compile": autocast(compiled_fp)}
+    quantized = pt2e(teacher, float_args)
+
+    def frozen(*a):
+        with torch._inductor.config.patch(freezing=True):
+            return quantized(*a[:1], a[1].float(), *a[2:])
+    rows["PT2E W8A8 + compile"] = frozen
+    rows["torchao dynamic int8"] = torchao_dynamic(teacher)
+    teacher.denoiser.save_pretrained(tmp / "fp")
+    sizes = {"FP float32": folder_mb(tmp / "fp")}
+    for name, bits in BITS.items():
+        if name != "W4A4" and not main_batch:
+            continue
+        folder = student(teacher, bits, tmp / name)
+        sizes[f"dq {name}"] = folder_mb(folder)
+        for runtime in (("reference", "int8", "compiled") if name == "W4A4" else ("compiled",)):
+            m, _ = load_export(folder, runtime)
+            rows[f"dq {name} {runtime}"] = _Call(m).eval()
+    return rows, sizes
+
+
+def example(model: DiffusionModel, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *model.sample_shape, generator=g)
+    t = torch.full((batch,), int(sampler_timesteps(model, SamplerConfig(steps=50))[25]))
+    cond = cond_fn_for(model, 0)
+    return x, t, None if cond is None else cond(torch.arange(batch))[0]
 
 
 def folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def random_student(arch: str, steps: int) -> tuple[DiffusionModel, DiffusionModel, dict]:
-    teacher = build_arch(arch)
-    ts = tuple(sampler_timesteps(teacher, SamplerConfig(steps=steps)))
-    qcfg = QuantConfig(w_bits=4, a_bits=4, timesteps=ts)
-    s = prepare(copy.deepcopy(teacher.denoiser), qcfg)
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(len(ts[i::4]), *teacher.sample_shape, generator=g), torch.tensor(ts[i::4]))
-               for i in range(4)]
-    weight_dilation(s, batches)
-    calibrate(s, batches, "minmax")
-    meta = {"quant": {**qcfg.__dict__, "timesteps": list(ts), "skip": []}, "sampler": {"name": "ddim", "steps": steps},
-            "method": {"name": "speed-only (random weights, min–max tables)"}, "teacher": teacher.name}
-    return teacher, DiffusionModel(s, teacher.scheduler, "student"), meta
+def teacher_of(arch: str) -> DiffusionModel:
+    return load_model(ModelConfig()) if arch == "digits" else build_arch(arch)
 
 
-def speed(models: dict[str, DiffusionModel], batch: int, repeats: int, t: int) -> dict[str, float]:
-    """Median ms per call of each model, interleaved round by round."""
-    m0 = next(iter(models.values()))
-    x = torch.randn(batch, *m0.sample_shape, generator=torch.Generator().manual_seed(1))
-    tt = torch.full((batch,), t)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():  # warm-up: oneDNN primitive caches, packed weights, weight fake-quant cache
-            m.family.forward(m.denoiser, x, tt)
+def run_cell(cell: str, repeats: int, out: Path) -> None:
+    """Measure one cell in this process and write its JSON."""
+    arch, batch = cell.split(":")
+    batch = int(batch)
+    teacher = teacher_of(arch)
+    x, t, cond = example(teacher, batch)
+    args = (x, t) if cond is None else (x, t, cond)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        rows, sizes = rows_for(teacher, batch, cell == CELLS[0], Path(tmp))
+        first = {}
+        for name, f in rows.items():  # warm-up: compile, pack, first-call caches
+            t0 = time.perf_counter()
+            f(*args)
+            first[name] = time.perf_counter() - t0
+            print(f"{cell} {name}: first call {first[name]:.1f} s", file=sys.stderr, flush=True)
+        times = {k: [] for k in rows}
         for _ in range(repeats):
-            for k, m in models.items():
+            for name, f in rows.items():
                 t0 = time.perf_counter()
-                m.family.forward(m.denoiser, x, tt)
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+                f(*args)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    result = {"cell": cell, "arch": arch, "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats,
+              "ms": {k: statistics.median(v) for k, v in times.items()}, "first_call_s": first, "sizes_mb": sizes,
+              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
 
 
-def profile_int8(model: DiffusionModel, batch: int, t: int) -> str:
-    x = torch.randn(batch, *model.sample_shape)
-    with torch.no_grad(), torch.profiler.profile() as p:
-        model.family.forward(model.denoiser, x, torch.full((batch,), t))
-    return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> str:
+    caps = ", ".join(info["flags"])
+    where = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    lines = ["# Deployable students: speed against what a user would run instead", "",
+             f"Written by `python scripts/bench_runtime.py` from the cells in `{where}/` (one process per cell).",
+             f"CPU: **{info['model']}** ({caps}; torch CPU capability {info['torch_cpu_capability']}), "
+             f"torch {info['torch']}, {results[0]['threads'] if results else '?'} threads. oneDNN kernels used "
+             f"(ONEDNN_VERBOSE): " + "; ".join(f"{k} → `{v}`" for k, v in info.get("onednn", {}).items()) + ".", "",
+             "One denoiser call, median of interleaved rounds; × is float32's time over the row's, and 'vs best "
+             "peer' is the faster of bf16 + compile and PT2E W8A8 + compile over the row's, in the same run.", ""]
+    for r in results:
+        ms = r["ms"]
+        best = min(ms[p] for p in PEERS if p in ms)
+        lines += [f"## {r['arch']}, batch {r['batch']}", "", "| model | ms per call | × float32 | vs best peer | "
+                  "first call s | disk MB |", "|---|---|---|---|---|---|"]
+        for name, v in ms.items():
+            size = next((f"{mb:.2f}" for k, mb in r["sizes_mb"].items() if name == k or name.startswith(k + " ")), "")
+            lines.append(f"| {name} | {v:.1f} | {ms['FP float32'] / v:.2f}× | {best / v:.2f}× | "
+                         f"{r['first_call_s'][name]:.1f} | {size} |")
+        lines.append("")
+    if fid:
+        lines += ["## Quality: the main job's students through each runtime", "",
+                  f"{fid[0]['num_samples']} images per row, each student's own sampler, the same seeds and noise for "
+                  "every runtime, digits features; sampling time includes the first call's compile.", "",
+                  "| student | runtime | FID | KID | IS | sampling s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {f['bits']} `{f['student']}` | {r['name']} | {r['fid']:.3f} | {r['kid']:.4f} | {r['is']:.2f} | "
+                  f"{r['seconds']:.1f} |" for f in fid for r in f["rows"]]
+    return "\n".join(lines) + "\n"
 
 
-def fid_rows(student_path: Path, n: int, out: Path) -> list[dict]:
+def fid_rows(student_path: Path, n: int, runtimes: list[str]) -> dict:
+    """FID / KID / IS of one student through each runtime: its own sampler, the same seeds and noise."""
     from dq.data.digits import DataConfig
     from dq.evaluation import Protocol, evaluate_models
     from dq.metrics.image_metrics import MetricsConfig
-    from dq.models.checkpoint import load_student, read_meta
+    from dq.models.export import export_from_checkpoint
+    from dq.models.checkpoint import read_meta
 
     meta = read_meta(student_path)
-    student, _ = load_student(student_path)
-    folder = export_student(student, meta, out / "export")
     rows = []
-    for runtime in ("reference", "int8"):
-        model, _ = load_export(folder, runtime)
-        p = Protocol(sampler=SamplerConfig(**meta["sampler"]), metrics=MetricsConfig(), data=DataConfig(),
-                     cache_dir=str(ROOT / ".cache" / "dq"), num_samples=n, floor=False, grid=16)
-        ev = evaluate_models(p, model, {runtime: model.denoiser}, out)
-        rows.append(ev["rows"][0])
-    return rows
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_from_checkpoint(student_path, Path(tmp) / "export")
+        for runtime in runtimes:
+            model, _ = load_export(folder, runtime)
+            p = Protocol(sampler=SamplerConfig(**meta["sampler"]), metrics=MetricsConfig(), data=DataConfig(),
+                         cache_dir=str(ROOT / ".cache" / "dq"), num_samples=n, floor=False, grid=16)
+            t0 = time.perf_counter()
+            row = evaluate_models(p, model, {runtime: model.denoiser}, Path(tmp) / runtime)["rows"][0]
+            rows.append({**row, "seconds": time.perf_counter() - t0})
+    bits = f"W{meta['quant']['w_bits']}A{meta['quant']['a_bits']}"
+    return {"student": str(student_path), "bits": bits, "num_samples": n, "rows": rows}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="ddpm_cifar10")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--cells", nargs="+", default=list(CELLS), help=f"arch:batch, default {' '.join(CELLS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=100, help="DDIM steps of the student's tables")
-    ap.add_argument("--student", type=Path, default=None, help="a student.safetensors for the FID rows")
+    ap.add_argument("--force", action="store_true", help="measure cells that already have a result again")
+    ap.add_argument("--fid", type=Path, nargs="+", default=None,
+                    help="student.safetensors files: FID through each runtime (the first also through int8)")
     ap.add_argument("--fid-samples", type=int, default=1000)
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "runtime")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "runtime.md")
+    ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: measure one cell in this process
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    lines = ["# Deployable students: size, speed, quality", "", f"Written by `python scripts/bench_runtime.py "
-             f"{' '.join(sys.argv[1:])}` on {torch.get_num_threads()} CPU threads, torch {torch.__version__}.", ""]
-    teacher, student, meta = random_student(a.arch, a.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher.denoiser.save_pretrained(Path(tmp) / "fp")
-        folder = export_student(student, meta, Path(tmp) / "export")
-        fp_mb, ex_mb = folder_mb(Path(tmp) / "fp"), folder_mb(folder)
-        ref, _ = load_export(folder, "reference")
-        i8, _ = load_export(folder, "int8")
-    t_mid = meta["quant"]["timesteps"][len(meta["quant"]["timesteps"]) // 2]
-    ms = speed({"FP float32": teacher, "reference (fake-quant)": ref, "int8": i8}, a.batch, a.repeats, t_mid)
-    fp = ms["FP float32"]
-    lines += [f"## Size and speed: {a.arch} architecture (random weights), W4A4, batch {a.batch}", "",
-              f"Disk: float32 `save_pretrained` folder {fp_mb:.2f} MB; export folder {ex_mb:.2f} MB "
-              f"(**{ex_mb / fp_mb:.3f}×**; 4/32 bits = 0.125 before tables and float tensors).", "",
-              "| model | ms per call | images·steps / s | speed vs FP |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v:.1f} | {a.batch / v * 1e3:.1f} | {fp / v:.2f}× |" for k, v in ms.items()]
-    ratio = fp / ms["int8"]
-    print("\n".join(lines))
-    if ratio < 1.5:
-        lines += ["", "int8 is below 1.5× FP; where its time goes (one call):", "", "```",
-                  profile_int8(i8, a.batch, t_mid), "```"]
-    if a.student is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = fid_rows(a.student, a.fid_samples, Path(tmp))
-        lines += ["", f"## Quality: `{a.student}` through both runtimes ({a.fid_samples} images, digits features)",
-                  "", "| runtime | FID | KID | IS | images/s |", "|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['fid']:.3f} | {r['kid']:.4f} | {r['is']:.2f} | {r['images_per_second']:.1f} |"
-                  for r in rows]
-    a.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {a.out}")
+    info = cpu_info()
+    folder = a.results / cpu_slug(info)
+    if a.cell:
+        run_cell(a.cell, a.repeats, folder / f"{a.cell.replace(':', '_b')}.json")
+        return 0
+    for cell in a.cells:
+        arch, _, batch = cell.partition(":")
+        if arch not in ("digits", *CELLS_ARCHS) or not batch.isdigit():
+            raise DQError(f"--cells {cell!r}: expected arch:batch with arch one of digits, {', '.join(CELLS_ARCHS)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    info_file = folder / "machine.json"
+    if a.force or not info_file.exists():
+        info_file.write_text(json.dumps({**info, "onednn": onednn_isa()}, indent=1))
+    for cell in a.cells:
+        out = folder / f"{cell.replace(':', '_b')}.json"
+        if out.exists() and not a.force:
+            print(f"{cell}: kept {out}", file=sys.stderr)
+            continue
+        cmd = [sys.executable, __file__, "--cell", cell, "--threads", str(a.threads), "--repeats", str(a.repeats),
+               "--results", str(a.results)]
+        if subprocess.run(cmd).returncode != 0:
+            print(f"{cell}: failed (see above); the other cells go on", file=sys.stderr)
+    if a.fid is not None:
+        for path in a.fid:
+            if not path.is_file():
+                raise DQError(f"--fid {path}: no such student.safetensors (python train.py writes one per run)")
+        fid = [fid_rows(p, a.fid_samples, ["reference", "int8", "compiled"] if i == 0 else ["reference", "compiled"])
+               for i, p in enumerate(a.fid)]
+        (folder / "fid.json").write_text(json.dumps(fid, indent=1))
+    order = [*CELLS, *(c for c in a.cells if c not in CELLS)]
+    results = [json.loads((folder / f"{c.replace(':', '_b')}.json").read_text()) for c in order
+               if (folder / f"{c.replace(':', '_b')}.json").exists()]
+    fid = json.loads((folder / "fid.json").read_text()) if (folder / "fid.json").exists() else None
+    a.out.write_text(report(json.loads(info_file.read_text()), results, fid, folder))
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
 
+
+CELLS_ARCHS = ("ddpm_cifar10", "dit_xl2", "unet2d", "dit_tiny")
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

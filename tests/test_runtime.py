@@ -158,3 +158,13 @@ def test_tables_of_the_wrong_length_name_the_timesteps(exported, tmp_path):
     save_file(tensors, str(out / "model.safetensors"))
     with pytest.raises(DQError, match=f"tensor '{key}' has shape .* one row per timestep"):
         load_export(out, "reference")
+
+
+def test_bench_runtime_names_a_bad_cell_in_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_runtime.py"
+    proc = subprocess.run([sys.executable, str(script), "--cells", "resnet:8"], capture_output=True, text=True)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(err) == 1 and "'resnet:8'" in err[0] and "ddpm_cifar10" in err[0], proc.stderr
