@@ -67,8 +67,10 @@ from dq.quant.int8 import qconv2d, qlinear
 x = torch.randint(0, 16, (2, 64, 8, 8), dtype=torch.uint8)
 w = torch.randint(-8, 8, (64, 64, 3, 3), dtype=torch.int8)
 s, z = torch.tensor([0.1]), torch.tensor([3])
-qconv2d(x, s, z, w, torch.rand(64), torch.zeros(64, dtype=torch.long), None, [1, 1], [1, 1], [1, 1])
-qlinear(x.reshape(-1, 64), s, z, w[:, :, 0, 0].contiguous(), torch.rand(64), torch.zeros(64, dtype=torch.long), None)
+qconv2d(x, s, z, w, torch.rand(64), torch.zeros(64, dtype=torch.long), None, [1, 1], [1, 1], [1, 1],
+        torch.float32)
+qlinear(x.reshape(-1, 64), s, z, w[:, :, 0, 0].contiguous(), torch.rand(64), torch.zeros(64, dtype=torch.long), None,
+        torch.float32)
 with torch.autocast("cpu", dtype=torch.bfloat16):
     torch.nn.functional.conv2d(torch.randn(2, 64, 8, 8), torch.randn(64, 64, 3, 3), padding=1)
 """
@@ -228,7 +230,14 @@ def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> s
              f"torch {info['torch']}, {results[0]['threads'] if results else '?'} threads. oneDNN kernels used "
              f"(ONEDNN_VERBOSE): " + "; ".join(f"{k} → `{v}`" for k, v in info.get("onednn", {}).items()) + ".", "",
              "One denoiser call, median of interleaved rounds; × is float32's time over the row's, and 'vs best "
-             "peer' is the faster of bf16 + compile and PT2E W8A8 + compile over the row's, in the same run.", ""]
+             "peer' is the faster of bf16 + compile and PT2E W8A8 + compile over the row's, in the same run "
+             "(above 1: dq is faster). The first call of a compiled row includes its compile (inductor's disk "
+             "cache may hold earlier compiles of the same graph). dq rows: random-weight students at the main "
+             "job's quantization (continuous TPQ over 4 knots, DDIM-50 tables, Weight Dilation); `compiled` "
+             "runs bfloat16 between the integer kernels where the CPU has bf16 instructions "
+             "(`DQ_COMPILED_DTYPE=float32` to compare). The attention matmuls (q·kᵀ, P·v) run in float on "
+             "the integer grid's values: torchao 0.18's int8 SDPA op has no CPU kernel in its wheel and torch "
+             "has no batched int8 matmul on the CPU.", ""]
     for r in results:
         ms = r["ms"]
         best = min(ms[p] for p in PEERS if p in ms)

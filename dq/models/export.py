@@ -51,6 +51,18 @@ def can_compile() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
 
 
+def compiled_dtype() -> torch.dtype:
+    """The float dtype between the integer kernels of runtime=compiled: bfloat16 where the CPU has bf16
+    instructions (AVX512-BF16 or AMX), else float32. ``DQ_COMPILED_DTYPE=float32`` overrides."""
+    want = os.environ.get("DQ_COMPILED_DTYPE")
+    if want is not None:
+        if want not in ("float32", "bfloat16"):
+            raise choice_error("DQ_COMPILED_DTYPE", want, ("float32", "bfloat16"))
+        return getattr(torch, want)
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if bf16 else torch.float32
+
+
 def best_runtime() -> tuple[str, str]:
     """(the fastest runtime this machine supports, why): compiled > int8 > reference (docs/runtime.md)."""
     if not int8_available():
@@ -149,7 +161,7 @@ def use_runtime(model: torch.nn.Module, runtime: str) -> None:
         layer.weight_quant.enabled = True  # the int8 layers read the integers from the fake quantizer
     to_int8(model)
     if runtime == "compiled":
-        compile_int8(model)
+        compile_int8(model, compiled_dtype())
 
 
 def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dq.quant.int8 import _Int8Base
+
 
 class _Step(nn.Module):
     """The traced unit: (row, the model's arguments) → its output."""
@@ -35,13 +37,24 @@ class _Step(nn.Module):
         return self.eager(*args, **kwargs)
 
 
+def _as_float(out: Any) -> Any:
+    """The model's output (a tensor, a tuple or a diffusers output with ``sample``) in float32."""
+    if isinstance(out, Tensor):
+        return out.float()
+    if isinstance(out, tuple):
+        return (out[0].float(), *out[1:])
+    out.sample = out.sample.float()
+    return out
+
+
 class CompiledForward:
     """Replaces ``model.forward`` (a prepared model with int8 layers and ``dq_step_index``): single-row
     calls run the compiled graph, mixed-row calls the eager layers. Install with :func:`compile_int8`."""
 
-    def __init__(self, model: nn.Module, forward: Callable[..., Any]) -> None:
+    def __init__(self, model: nn.Module, forward: Callable[..., Any], dtype: torch.dtype) -> None:
         self.model = model
         self.eager = forward
+        self.dtype = dtype
         self._graph: Callable[..., Any] | None = None
         self._key: tuple | None = None
 
@@ -56,15 +69,20 @@ class CompiledForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rows = self.model.dq_step_index.current
         if rows is not None and rows.numel() > 1:
-            return self.eager(*args, **kwargs)
+            return _as_float(self.eager(*args, **kwargs))
         row = torch.zeros(1, dtype=torch.long) if rows is None else rows.reshape(1)
         with torch.no_grad():
-            return self._compiled()(row, *args, **kwargs)
+            return _as_float(self._compiled()(row, *args, **kwargs))
 
 
-def compile_int8(model: nn.Module) -> CompiledForward:
+def compile_int8(model: nn.Module, dtype: torch.dtype = torch.float32) -> CompiledForward:
     """Run ``model`` (prepared, its quantized layers swapped by ``dq.quant.int8.to_int8``) through the
-    compiled graph from its next call on; returns the installed forward."""
-    fwd = CompiledForward(model, model.forward)
+    compiled graph from its next call on; returns the installed forward. ``dtype``: what the integer
+    kernels write, and so the dtype of the float work between them (bfloat16 halves its memory traffic
+    where the CPU computes in it); inputs and the output stay float32."""
+    for m in model.modules():
+        if isinstance(m, _Int8Base):
+            m.out_dtype = dtype
+    fwd = CompiledForward(model, model.forward, dtype)
     model.forward = fwd
     return fwd

@@ -61,32 +61,33 @@ def _packed(w8: Tensor, w_scale: Tensor, conv: Optional[tuple[list[int], list[in
 
 @torch.library.custom_op("dq::qconv2d", mutates_args=())
 def qconv2d(xq: Tensor, x_scale: Tensor, x_zp: Tensor, w8: Tensor, w_scale: Tensor, w_zp: Tensor,
-            bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    """float32 [N, C_out, H', W'] (channels-last) = Δx·Δw·conv(xq − zx, w8) + b; xq uint8 [N, C_in, H, W]."""
+            bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+            out_dtype: torch.dtype) -> Tensor:
+    """[N, C_out, H', W'] (channels-last, ``out_dtype``) = Δx·Δw·conv(xq − zx, w8) + b; xq uint8 [N, C_in, H, W]."""
     w = _packed(w8, w_scale, (stride, padding, dilation))
     y = torch.ops.onednn.qconv_pointwise.tensor(xq, x_scale, x_zp, w, w_scale, w_zp, bias, stride, padding,
-                                                dilation, 1, 1.0, 0, torch.float32, "none", [], "")
+                                                dilation, 1, 1.0, 0, out_dtype, "none", [], "")
     return y.contiguous(memory_format=torch.channels_last)
 
 
 @qconv2d.register_fake
-def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias, stride, padding, dilation):
+def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias, stride, padding, dilation, out_dtype):
     hw = [(xq.shape[2 + i] + 2 * padding[i] - dilation[i] * (w8.shape[2 + i] - 1) - 1) // stride[i] + 1 for i in (0, 1)]
-    return torch.empty((xq.shape[0], w8.shape[0], *hw), dtype=torch.float32, device=xq.device,
+    return torch.empty((xq.shape[0], w8.shape[0], *hw), dtype=out_dtype, device=xq.device,
                        memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("dq::qlinear", mutates_args=())
 def qlinear(xq: Tensor, x_scale: Tensor, x_zp: Tensor, w8: Tensor, w_scale: Tensor, w_zp: Tensor,
-            bias: Optional[Tensor]) -> Tensor:
-    """float32 [..., C_out] = Δx·Δw·(xq − zx)·w8ᵀ + b; xq uint8 [..., C_in]."""
+            bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """[..., C_out] (``out_dtype``) = Δx·Δw·(xq − zx)·w8ᵀ + b; xq uint8 [..., C_in]."""
     return torch.ops.onednn.qlinear_pointwise.tensor(xq, x_scale, x_zp, _packed(w8, w_scale, None), w_scale, w_zp,
-                                                     bias, 1.0, 0, torch.float32, "none", [], "")
+                                                     bias, 1.0, 0, out_dtype, "none", [], "")
 
 
 @qlinear.register_fake
-def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias):
-    return xq.new_empty((*xq.shape[:-1], w8.shape[0]), dtype=torch.float32)
+def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], w8.shape[0]), dtype=out_dtype)
 
 
 def split_int8(w_int: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -125,6 +126,8 @@ class _Int8Base(nn.Module):
             self.register_buffer(k, v, persistent=False)
         self._axis = layer._channel_axis
         self.act = layer.act_quant                     # TemporalActQuantizer: tables + step index
+        # what the kernel writes: float32, or bfloat16 (dq.quant.compiled, where the CPU computes in it)
+        self.out_dtype = torch.float32
 
     def _row(self, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(Δx [1], 1/Δx broadcastable to x, zx [1]) of one table row, as the quantizer computes them."""
@@ -152,7 +155,7 @@ class _Int8Base(nn.Module):
     def _add_offset(self, y: Tensor, s: Tensor, dx: Tensor) -> Tensor:
         """y + o[c]·Δx·Δw[c]·s, s = Σ(x_q − zx) over the inputs each output reads (exact integers)."""
         coef = (dx.double() * self.w_scale.double() * self.offset.double()).float()
-        return y + s * coef.view(1, -1, *([1] * (y.dim() - 2)))
+        return (y.float() + s * coef.view(1, -1, *([1] * (y.dim() - 2)))).to(self.out_dtype)
 
 
 class Int8Conv2d(_Int8Base):
@@ -170,7 +173,7 @@ class Int8Conv2d(_Int8Base):
     def _run(self, x: Tensor, dx: Tensor, inv: Tensor, zp: Tensor) -> Tensor:
         xq = quantize_u8(x, inv, zp, self.act.bits)
         y = qconv2d(xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias, self.stride, self.padding,
-                    self.dilation)
+                    self.dilation, self.out_dtype)
         if self.offset is not None:  # o[c] · Σ (x_q − zx) over C_in and the window, in exact integers
             s = (xq.sum(1, keepdim=True, dtype=torch.int32) - zp.long() * xq.shape[1]).float()
             y = self._add_offset(y, F.conv2d(s, self._ones, None, self.stride, self.padding, self.dilation), dx)
@@ -187,7 +190,7 @@ class Int8Linear(_Int8Base):
 
     def _run(self, x: Tensor, dx: Tensor, inv: Tensor, zp: Tensor) -> Tensor:
         xq = quantize_u8(x, inv, zp, self.act.bits)
-        y = qlinear(xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias)
+        y = qlinear(xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias, self.out_dtype)
         if self.offset is not None:
             s = (xq.sum(-1, keepdim=True, dtype=torch.int32) - zp.long() * xq.shape[-1]).float()
             y = self._add_offset(y.movedim(-1, 1), s.movedim(-1, 1), dx).movedim(1, -1)

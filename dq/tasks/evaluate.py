@@ -86,6 +86,9 @@ def load_checkpoint(cfg: DictConfig) -> tuple[SamplerConfig, DiffusionModel, dic
                 "run_config": prov.get("run_config")}
     else:
         student, meta = load_student(path)
+        if runtime == "auto":  # a training checkpoint is scored as it trained: the fake-quant model
+            runtime = "reference"
+            log.info("runtime=auto on a student.safetensors: reference (export it for the fast runtimes)")
         runtime = resolve_runtime(runtime)
         use_runtime(student.denoiser.eval(), runtime)
     sampler = resolve_sampler(cfg, meta["sampler"])
