@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
 import copy, json, resource, statistics, sys, time
-sys.path.insert(0, ROOT)
 from dq import allocator
 if TUNE:
     allocator.tune()

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dq.models.families.unet import DDPM_CIFAR10  # noqa: E402
 from dq.models.student import calibrate, prepare, weight_dilation  # noqa: E402
 from dq.quant.config import QuantConfig  # noqa: E402

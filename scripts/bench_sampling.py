@@ -22,7 +22,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from dq.config import typed  # noqa: E402
 from dq.data.calibration import load_or_generate  # noqa: E402

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dq.models.load import ModelConfig, build_arch, load_model  # noqa: E402
 from dq.models.student import calibrate, prepare  # noqa: E402
 from dq.quant.config import QuantConfig  # noqa: E402

@@ -68,10 +68,9 @@ def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, kno
         assert max(per_layer_errors(student, i8, x, t).values()) <= 1e-3
 
 
-def per_layer_errors(fake, int8, x, t):
-    """Relative error of every int8 layer against its fake-quant layer on the same input (one model call)."""
+def layer_io(fake, x, t):
+    """{quantized layer name: (its input, the fake-quant layer's output)} of one reference model call."""
     from dq.quant.layers import iter_quant_layers
-    from dq.quant.prepare import rows_of
     seen = {}
     hooks = [layer.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
              for n, layer in iter_quant_layers(fake.denoiser)]
@@ -79,6 +78,13 @@ def per_layer_errors(fake, int8, x, t):
         fake.family.forward(fake.denoiser, x, t)
     for h in hooks:
         h.remove()
+    return seen
+
+
+def per_layer_errors(fake, int8, x, t):
+    """Relative error of every int8 layer against its fake-quant layer on the same input (one model call)."""
+    from dq.quant.prepare import rows_of
+    seen = layer_io(fake, x, t)
     mods = dict(int8.denoiser.named_modules())
     with torch.no_grad(), int8.denoiser.dq_step_index.use(rows_of(int8.denoiser, t)):
         return {n: ((mods[n](a) - o).norm() / o.norm()).item() for n, (a, o) in seen.items()}

@@ -11,9 +11,8 @@ from dq.models import export as export_mod
 from dq.models.export import export_student, load_export
 from dq.models.load import build_arch
 from dq.quant.int8 import Int8Conv2d, Int8Linear, available
-from dq.quant.layers import iter_quant_layers
 from dq.quant.prepare import rows_of
-from test_export import _student
+from test_export import _student, layer_io
 
 needs_int8 = pytest.mark.skipif(not available(), reason="no oneDNN int8 ops in this torch build")
 
@@ -26,23 +25,11 @@ def exported(tmp_path_factory):
     return student, export_student(student, meta, tmp_path_factory.mktemp("exp") / "exp"), batch
 
 
-def _inputs(fake, x, t):
-    """{layer name: (its input, the fake-quant layer's output)} of one reference model call."""
-    seen = {}
-    hooks = [layer.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
-             for n, layer in iter_quant_layers(fake.denoiser)]
-    with torch.no_grad():
-        fake.family.forward(fake.denoiser, x, t)
-    for h in hooks:
-        h.remove()
-    return seen
-
-
 @needs_int8
 def test_compiled_layers_agree_with_reference_per_layer_on_every_row_of_a_mixed_batch(exported):
     student, folder, (x, t) = exported
     assert len(set(t.tolist())) > 1  # the batch mixes steps
-    seen = _inputs(student, x, t)
+    seen = layer_io(student, x, t)
     fast, qc = load_export(folder, "compiled")
     mods = dict(fast.denoiser.named_modules())
     picked = {}  # one of each kind: a conv with a Weight-Dilation input scale, an 8-bit-weight conv, a linear

@@ -164,9 +164,11 @@ def use_runtime(model: torch.nn.Module, runtime: str) -> None:
         compile_int8(model, compiled_dtype())
 
 
-def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor], qc: dict[str, Any]) -> None:
+def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                   qc: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every tensor and layer entry the export declares agrees with the model its configs build: one line
-    naming the first disagreement otherwise (a hand-edited or mixed-up export must not sample silently)."""
+    naming the first disagreement otherwise (a hand-edited or mixed-up export must not sample silently).
+    Returns each layer's unpacked integer weight."""
     want = model.state_dict()
     layers = qc["layers"]
     built = dict(iter_quant_layers(model))
@@ -175,6 +177,7 @@ def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.
         raise DQError(f"{path}: quantized layer {odd!r} is {'not built' if odd in layers else 'not listed'} by "
                       f"quantization_config.json + config.json; the export's files do not belong together")
     t = len(qc["timesteps"])
+    unpacked = {}
     for name, info in layers.items():
         layer, where = built[name], f"{path}: layer {name!r}"
         a_bits = None if layer.act_quant is None else layer.act_quant.bits
@@ -192,6 +195,7 @@ def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.
         z = tensors.get(f"{name}.weight_quant.zero_point")
         if int(codes.max()) > qmax or z is None or bool(((z < 0) | (z > qmax) | (z != z.round())).any()):
             raise DQError(f"{where}: integer weights or zero points outside the {info['w_bits']}-bit range 0..{qmax}")
+        unpacked[name] = codes
     for key, value in tensors.items():
         if key.endswith(".weight_packed"):
             continue
@@ -203,6 +207,7 @@ def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.
                     if table else "")
             raise DQError(f"{path}: tensor {key!r} has shape {list(value.shape)}, the model expects "
                           f"{list(want[key].shape)}{hint}")
+    return unpacked
 
 
 def load_export(path: str | Path, runtime: str = "auto") -> tuple[DiffusionModel, dict[str, Any]]:
@@ -228,9 +233,10 @@ def load_export(path: str | Path, runtime: str = "auto") -> tuple[DiffusionModel
     except (TypeError, ValueError) as e:
         raise DQError(f"{path}: config.json and quantization_config.json do not build a model "
                       f"({str(e).splitlines()[0]})") from None
-    _check_tensors(path, model, tensors, qc)
+    codes = _check_tensors(path, model, tensors, qc)
     for name, info in qc["layers"].items():
-        q = unpack(tensors.pop(f"{name}.weight_packed"), info["w_bits"], info["shape"]).float()
+        del tensors[f"{name}.weight_packed"]
+        q = codes[name].float()
         shape = [-1] + [1] * (len(info["shape"]) - 1)
         delta, z = tensors[f"{name}.weight_quant.delta"], tensors[f"{name}.weight_quant.zero_point"]
         tensors[f"{name}.weight"] = (q - z.view(shape)) * delta.view(shape)  # the fake quantizer's own output
