@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
-import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dq.errors import DQError, run_script
+from dq.machine import cpu as cpu_info, onednn_isa, slug as cpu_slug
 from dq.models.conditioning import cond_fn_for
 from dq.models.export import export_student, load_export
 from dq.models.load import DiffusionModel, ModelConfig, build_arch, load_model
@@ -44,54 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("digits:250", "digits:1", "ddpm_cifar10:16", "ddpm_cifar10:1", "dit_xl2:2")
 PEERS = ("FP bf16 + compile", "PT2E W8A8 + compile")  # the rows a user would pick instead of dq
 BITS = {"W4A4": (4, 4), "W4A8": (4, 8), "W8A8": (8, 8)}
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_info() -> dict:
-    """CPU model, the ISA flags that decide the kernels, torch's CPU capability."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = set((re.search(r"flags\s*:\s*(.*)", text) or re.search("()", "")).group(1).split())
-    return {"model": model.group(1).strip() if model else platform.processor() or platform.machine(),
-            "flags": [f for f in FLAGS if f in flags], "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__}
-
-
-def cpu_slug(info: dict) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", f"{info['model']} {'amx' if 'amx_int8' in info['flags'] else 'noamx'}".lower()).strip("-")
-
-
-ISA_PROBE = """
-import torch
-from dq.quant.int8 import qconv2d, qlinear
-x = torch.randint(0, 16, (2, 64, 8, 8), dtype=torch.uint8)
-w = torch.randint(-8, 8, (64, 64, 3, 3), dtype=torch.int8)
-s, z = torch.tensor([0.1]), torch.tensor([3])
-qconv2d(x, s, z, w, torch.rand(64), torch.zeros(64, dtype=torch.long), None, [1, 1], [1, 1], [1, 1],
-        torch.float32)
-qlinear(x.reshape(-1, 64), s, z, w[:, :, 0, 0].contiguous(), torch.rand(64), torch.zeros(64, dtype=torch.long), None,
-        torch.float32)
-with torch.autocast("cpu", dtype=torch.bfloat16):
-    torch.nn.functional.conv2d(torch.randn(2, 64, 8, 8), torch.randn(64, 64, 3, 3), padding=1)
-"""
-
-
-def onednn_isa() -> dict:
-    """The implementation oneDNN picked for dq's int8 conv / matmul and a bf16 conv (ONEDNN_VERBOSE=1)."""
-    out = subprocess.run([sys.executable, "-c", ISA_PROBE], capture_output=True, text=True,
-                         env={**os.environ, "ONEDNN_VERBOSE": "1"}).stdout
-    impl = {}
-    for line in out.splitlines():
-        f = line.split(",")
-        if len(f) > 6 and f[0] == "onednn_verbose" and "exec" in f:
-            i = f.index("exec")
-            kind, name, src = f[i + 2], f[i + 3], f[i + 5] if len(f) > i + 5 else ""
-            dt = "int8" if "u8" in src or "s8" in src else "bf16" if "bf16" in src else "f32"
-            if kind in ("convolution", "matmul", "inner_product"):
-                impl.setdefault(f"{kind} {dt}", name)
-    return impl
-
-
 def student(teacher: DiffusionModel, bits: tuple[int, int], folder: Path) -> Path:
     """The export folder of a random-weight student at the main job's quantization."""
     ts = tuple(sampler_timesteps(teacher, SamplerConfig(steps=50)))
@@ -144,7 +95,8 @@ def torchao_dynamic(model: DiffusionModel) -> torch.nn.Module:
 
 
 def rows_for(teacher: DiffusionModel, batch: int, main_batch: bool, tmp: Path) -> tuple[dict, dict]:
-    """{row name: callable(x, t, cond)} and {row name: disk MB} for one cell."""
+    """{row name: () → callable(x, t, cond)} and {row name: disk MB} for one cell; each row is built when
+    its builder is called, so a cell too large for memory can hold one row at a time."""
     fp = _Call(teacher).eval()
     x, t, cond = example(teacher, batch)
     float_args = (x, t.float(), cond) if cond is not None else (x, t.float())  # PT2E observes t: a float tensor
@@ -155,15 +107,17 @@ def rows_for(teacher: DiffusionModel, batch: int, main_batch: bool, tmp: Path) -
                 return f(*a)
         return run
 
-    compiled_fp = torch.compile(copy.deepcopy(fp))
-    rows = {"FP float32": fp, "FP bf16 autocast": autocast(fp), "FP bf16 + compile": autocast(compiled_fp)}
-    quantized = pt2e(teacher, float_args)
+    def pt2e_frozen():
+        quantized = pt2e(teacher, float_args)
 
-    def frozen(*a):
-        with torch._inductor.config.patch(freezing=True):
-            return quantized(*a[:1], a[1].float(), *a[2:])
-    rows["PT2E W8A8 + compile"] = frozen
-    rows["torchao dynamic int8"] = torchao_dynamic(teacher)
+        def frozen(*a):
+            with torch._inductor.config.patch(freezing=True):
+                return quantized(*a[:1], a[1].float(), *a[2:])
+        return frozen
+
+    rows = {"FP float32": lambda: fp, "FP bf16 autocast": lambda: autocast(fp),
+            "FP bf16 + compile": lambda: autocast(torch.compile(copy.deepcopy(fp))),
+            "PT2E W8A8 + compile": pt2e_frozen, "torchao dynamic int8": lambda: torchao_dynamic(teacher)}
     teacher.denoiser.save_pretrained(tmp / "fp")
     sizes = {"FP float32": folder_mb(tmp / "fp")}
     for name, bits in BITS.items():
@@ -172,8 +126,7 @@ def rows_for(teacher: DiffusionModel, batch: int, main_batch: bool, tmp: Path) -
         folder = student(teacher, bits, tmp / name)
         sizes[f"dq {name}"] = folder_mb(folder)
         for runtime in (("reference", "int8", "compiled") if name == "W4A4" else ("compiled",)):
-            m, _ = load_export(folder, runtime)
-            rows[f"dq {name} {runtime}"] = _Call(m).eval()
+            rows[f"dq {name} {runtime}"] = lambda folder=folder, runtime=runtime: _Call(load_export(folder, runtime)[0]).eval()
     return rows, sizes
 
 
@@ -193,28 +146,55 @@ def teacher_of(arch: str) -> DiffusionModel:
     return load_model(ModelConfig()) if arch == "digits" else build_arch(arch)
 
 
+SEQUENTIAL_BYTES = 1 << 30  # float32 weights above this: rows are measured one after another, not held together
+
+
 def run_cell(cell: str, repeats: int, out: Path) -> None:
-    """Measure one cell in this process and write its JSON."""
+    """Measure one cell in this process and write its JSON.
+
+    Rows are interleaved round by round (the machine's drift hits every row alike); a model whose float32
+    weights exceed SEQUENTIAL_BYTES (DiT-XL/2: 2.7 GB) has eight copies in a cell, which do not fit in 24 GB,
+    so there each row is built, measured and freed in turn, and float32 is measured again at the end so the
+    drift over the cell shows (both recorded)."""
     arch, batch = cell.split(":")
     batch = int(batch)
     teacher = teacher_of(arch)
     x, t, cond = example(teacher, batch)
     args = (x, t) if cond is None else (x, t, cond)
+    sequential = sum(p.numel() * p.element_size() for p in teacher.denoiser.parameters()) > SEQUENTIAL_BYTES
+    first, times = {}, {}
+
+    def warm(name, f):  # first call: compile, pack, first-call caches
+        t0 = time.perf_counter()
+        f(*args)
+        first[name] = time.perf_counter() - t0
+        print(f"{cell} {name}: first call {first[name]:.1f} s", file=sys.stderr, flush=True)
+
+    def once(name, f):
+        t0 = time.perf_counter()
+        f(*args)
+        times.setdefault(name, []).append((time.perf_counter() - t0) * 1e3)
+
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        rows, sizes = rows_for(teacher, batch, cell == CELLS[0], Path(tmp))
-        first = {}
-        for name, f in rows.items():  # warm-up: compile, pack, first-call caches
-            t0 = time.perf_counter()
-            f(*args)
-            first[name] = time.perf_counter() - t0
-            print(f"{cell} {name}: first call {first[name]:.1f} s", file=sys.stderr, flush=True)
-        times = {k: [] for k in rows}
-        for _ in range(repeats):
+        builders, sizes = rows_for(teacher, batch, cell == CELLS[0], Path(tmp))
+        if sequential:
+            for name, build in [*builders.items(), ("FP float32 (again, last)", builders["FP float32"])]:
+                f = build()
+                warm(name, f)
+                for _ in range(repeats):
+                    once(name, f)
+                del f
+                gc.collect()
+                print(f"{cell} {name}: {statistics.median(times[name]):.1f} ms", file=sys.stderr, flush=True)
+        else:
+            rows = {name: build() for name, build in builders.items()}
             for name, f in rows.items():
-                t0 = time.perf_counter()
-                f(*args)
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                warm(name, f)
+            for _ in range(repeats):
+                for name, f in rows.items():
+                    once(name, f)
     result = {"cell": cell, "arch": arch, "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats,
+              "order": "sequential" if sequential else "interleaved",
               "ms": {k: statistics.median(v) for k, v in times.items()}, "first_call_s": first, "sizes_mb": sizes,
               "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +221,10 @@ def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> s
     for r in results:
         ms = r["ms"]
         best = min(ms[p] for p in PEERS if p in ms)
-        lines += [f"## {r['arch']}, batch {r['batch']}", "", "| model | ms per call | × float32 | vs best peer | "
+        order = ("" if r.get("order", "interleaved") == "interleaved" else
+                 "Rows measured one after another (the model's copies do not fit in memory together), float32 "
+                 "measured first and again last; ratios use the first. ")
+        lines += [f"## {r['arch']}, batch {r['batch']}", "", *([order, ""] if order else []), "| model | ms per call | × float32 | vs best peer | "
                   "first call s | disk MB |", "|---|---|---|---|---|---|"]
         for name, v in ms.items():
             size = next((f"{mb:.2f}" for k, mb in r["sizes_mb"].items() if name == k or name.startswith(k + " ")), "")
