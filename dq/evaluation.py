@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dq import allocator
 from dq.data.digits import DataConfig
 from dq.errors import DQError
 from dq.metrics.features import FeatureBackend, make_backend
@@ -26,6 +27,7 @@ from dq.metrics.scoring import ALL_SCORES, Scorer, ordered
 from dq.models.conditioning import cond_fn_for
 from dq.models.load import DiffusionModel
 from dq.models.sampling import SamplerConfig, make_sampler, sample_images
+from dq.quant.quantizers import clear_weight_caches
 
 log = logging.getLogger("dq")
 FLOOR_NAME = "real held-out vs train (floor)"
@@ -130,6 +132,8 @@ def evaluate_models(p: Protocol, teacher: DiffusionModel, models: dict[str, torc
                                    cond_fn=cond_fn_for(teacher, s), guidance_scale=p.guidance_scale,
                                    desc=f"sampling {name} (seed {s})")
             seconds += time.time() - start
+            clear_weight_caches(unet)  # the student's fake-quant weight copies
+            allocator.release()  # the sampler's freed activations back to the OS before scoring
             if s == seeds[0]:  # a latent's first 3 channels, shown as RGB
                 save_grid(images[: p.grid, :3], out / f"samples_{name}.png")
             scores.append(scorer.score(name, s, images))

@@ -228,9 +228,11 @@ def test_text_to_image_pipeline_folder_end_to_end(tmp_path):
     cs = _calibration_set(tmp_path)
     enc, empty = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
     # every recorded input carries its own image's prompt encoding, or the empty prompt's (the CFG pair)
-    is_cond = torch.tensor([torch.equal(c, enc[int(i) % 3]) for c, i in zip(cs["cond"], cs["image"])])
-    is_uncond = torch.tensor([torch.equal(c, empty[0]) for c in cs["cond"]])
+    cond = cs["cond_table"][cs["cond_index"]]
+    is_cond = torch.tensor([torch.equal(c, enc[int(i) % 3]) for c, i in zip(cond, cs["image"])])
+    is_uncond = torch.tensor([torch.equal(c, empty[0]) for c in cond])
     assert bool((is_cond | is_uncond).all()) and is_cond.any() and is_uncond.any()
+    assert len(cs["cond_table"]) == 4  # stored once per distinct encoding: 3 prompts + the empty prompt
     assert cs["x"].shape[1:] == (4, 8, 8) and cs["key"]["guidance_scale"] == 3.0
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["model"] == str(tmp_path / "sd") and res["bits"] == "W4A4"
@@ -244,9 +246,10 @@ def test_text_to_image_pipeline_folder_end_to_end(tmp_path):
 
     grid = Image.open(tmp_path / "run" / "samples_student.png")
     assert grid.mode == "RGB"  # decoded 3-channel images, not 4-channel latents
-    # eval.py of the saved student re-attaches the teacher's VAE, text encoder and tokenizer: same images
+    # eval.py of the saved student re-attaches the teacher's VAE, text encoder and tokenizer and samples with the
+    # guidance the student was distilled under (no task.guidance_scale given): the same images
     proc = subprocess.run([sys.executable, "eval.py", f"ckpt_path={tmp_path / 'run' / 'student.safetensors'}",
-                           "debug=tiny", "metrics=digits", "logger=none", "task.guidance_scale=3.0",
+                           "debug=tiny", "metrics=digits", "logger=none",
                            f"data.prompts={tmp_path / 'prompts.txt'}", f"hydra.run.dir={tmp_path / 'eval'}",
                            f"paths.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
@@ -256,6 +259,7 @@ def test_text_to_image_pipeline_folder_end_to_end(tmp_path):
 
     again = Image.open(tmp_path / "eval" / "samples_student.png")
     assert np.array_equal(np.asarray(again), np.asarray(grid))
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["guidance_scale"] == 3.0
 
 
 @pytest.mark.e2e
@@ -267,7 +271,7 @@ def test_class_conditional_unet_folder_end_to_end(tmp_path):
     cs = _calibration_set(tmp_path)
     labels, _ = cond_fn_for(load_model(ModelConfig(source="local", path=str(tmp_path / "cin"))),
                             cs["key"]["seed"])(cs["image"])
-    assert cs["cond"].dtype == torch.long and torch.equal(cs["cond"], labels)
+    assert cs["cond_index"] is None and cs["cond_table"].dtype == torch.long and torch.equal(cs["cond_table"], labels)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["rows"][-1]["name"] == "student" and any("class labels 0..9" in n for n in res["notes"])
     assert res["rows"][-1]["fid_to_fp"] >= 0 and 0 < res["rows"][-1]["psnr_to_fp"] <= 100

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dq.console import progress
+from dq.data.indexed import Dedup, IndexedRows
 from dq.errors import DQError
 from dq.models.conditioning import check_guidance, cond_fn_for, conditioning_key
 from dq.models.load import DiffusionModel
@@ -50,15 +51,27 @@ class CalibConfig:
 
 @dataclass
 class CalibrationSet:
-    """N recorded model inputs. ``cond`` is None for unconditional teachers."""
+    """N recorded model inputs. ``cond`` is None for unconditional teachers.
+
+    Text conditioning is stored as ``cond_table`` (each distinct encoding once) and ``cond_index`` [N];
+    ``cond`` gathers it (``cond[idx]``) and is what every consumer reads. Class labels stay in ``cond_table``
+    as [N] integers with ``cond_index`` None."""
 
     x: torch.Tensor            # [N, C, H, W] x_t (latents for a latent model)
     t: torch.Tensor            # [N] raw timesteps
     row: torch.Tensor          # [N] step index (row of the TPQ tables)
-    cond: torch.Tensor | None  # [N, L, D] encoder hidden states or [N] class labels (the cond or uncond half)
+    cond_table: torch.Tensor | None  # [K, L, D] distinct encoder hidden states, or [N] class labels
+    cond_index: torch.Tensor | None  # [N] row of cond_table per input (text), None for class labels
     timesteps: list[int]       # the sampler's raw timesteps; row i ↔ timesteps[i]
     key: dict[str, Any]
     image: torch.Tensor | None = None  # [N] the trajectory (image index) each input comes from
+
+    @property
+    def cond(self) -> torch.Tensor | IndexedRows | None:
+        """Per-input conditioning (the cond or uncond half the input was drawn with), indexable by ``[idx]``."""
+        if self.cond_index is None:
+            return self.cond_table
+        return IndexedRows(self.cond_table, self.cond_index)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -116,7 +129,7 @@ def generate(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: Cal
     # which trajectories each step keeps: [steps, per_step]
     picks = torch.stack([torch.randperm(n_traj, generator=g)[:per_step] for _ in range(steps)])
     cond_fn = cond_fn_for(teacher, key["seed"])
-    xs, ts, rows, conds, images = [], [], [], [], []
+    xs, ts, rows, conds, images = [], [], [], Dedup(), []
     param = next(teacher.denoiser.parameters())
     bs = int(calib_cfg.batch_size)
     bar = progress(total=n_traj * steps, desc="calibration trajectories", unit="step", leave=False)
@@ -138,15 +151,19 @@ def generate(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_cfg: Cal
                 k = keep.to(cond.device)
                 pick = uncond[k] if uncond is not None else cond[k]
                 mask = use_uncond.reshape(-1, *([1] * (cond.dim() - 1))).to(cond.device)
-                conds.append(torch.where(mask, pick, cond[k]).cpu())
+                conds.add(torch.where(mask, pick, cond[k]).cpu())
             bar.update(len(idx))
 
         denoise(teacher.denoiser, make_sampler(teacher, sampler_cfg), x, cond, uncond, key["guidance_scale"],
                 seed=key["seed"] + start, on_step=record, eta=key["eta"])
     bar.close()
     order = torch.randperm(sum(len(r) for r in rows), generator=g)[:n]
+    table = index = None
+    if conds.index:
+        text = conds.rows(order)
+        table, index = (text.table, text.index) if text.table.dim() > 1 else (text[:], None)  # labels: plain [N]
     return CalibrationSet(x=torch.cat(xs)[order], t=torch.cat(ts)[order], row=torch.cat(rows)[order],
-                          cond=torch.cat(conds)[order] if conds else None, timesteps=timesteps, key=key,
+                          cond_table=table, cond_index=index, timesteps=timesteps, key=key,
                           image=torch.cat(images)[order])
 
 
@@ -186,6 +203,8 @@ def load_or_generate(teacher: DiffusionModel, sampler_cfg: SamplerConfig, calib_
             diff = {k: (data["key"].get(k), v) for k, v in key.items() if data["key"].get(k) != v}
             raise DQError(f"calibration cache {str(path)!r} was made for another configuration "
                           f"(cached vs requested: {diff}); drop calib.path or delete the file")
+        if "cond" in data:  # a cache written before conditioning was stored once per distinct row: same values
+            data["cond_table"], data["cond_index"] = data.pop("cond"), None
         return CalibrationSet(**data)
     if explicit:
         raise DQError(f"calib.path={explicit!r} does not exist; omit it to generate and cache automatically")

@@ -42,7 +42,7 @@ from dq.distill.prefix_cache import PrefixCache
 from dq.models.families import family_of
 from dq.quant.prepare import rows_of
 from dq.quant.knots import KnotActQuantizer
-from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
+from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer, clear_weight_caches
 
 INPUT_MODES = ("student", "teacher")
 TRAJECTORIES = ("teacher", "student")
@@ -64,6 +64,8 @@ class DistillConfig:
     cosine: bool = True                # per-block cosine decay of every learning rate
     ckpt_every: int = 100              # save checkpoints/last.ckpt every N steps
     cache_mb: float = 4096             # memory for the block inputs of the calibration set; 0 = recompute
+    cache_disk_mb: float = 0           # beyond cache_mb: memory-mapped files up to this size (same values); 0 = none
+    cache_dir: Optional[str] = None    # where those files go (default: the system temp dir); unlinked at once
     stratify_steps: bool = False       # batches spread evenly over the sampler's steps (not uniform draws)
     tpq_smooth: float = 0.0            # λ · Σ roughness of the block's per-step activation curves, added to the loss
     model_steps: int = 0               # a last stage of N steps distilling the whole model's output (0: none)
@@ -163,7 +165,8 @@ class BlockDistiller(L.LightningModule):
         self.ranks_identical: bool | None = None
         self.cache = None if inputs is None else PrefixCache(
             inputs, self.family.initial_state, student, self.student_blocks, self.teacher_blocks,
-            teacher_input=cfg.input == "teacher", budget_mb=cfg.cache_mb)
+            teacher_input=cfg.input == "teacher", budget_mb=cfg.cache_mb, disk_mb=cfg.cache_disk_mb,
+            spill_dir=cfg.cache_dir)
 
     # ---------------------------------------------------------------- curriculum (pure in global_step)
     @property
@@ -283,6 +286,7 @@ class BlockDistiller(L.LightningModule):
         opt = self.optimizers()
         if step in self.stage_starts:  # a stage starts (also right after a resume at a boundary)
             keep_optimizer_state(opt.optimizer, self.stage_parameters(k))
+            clear_weight_caches(self.student)  # the finished blocks' fake-quant weight copies (prefix passes)
         if k == self.MODEL and self.cfg.model_trajectory == "student" and self.trajectory_x is None:
             self.trajectory_x = self.student_trajectories()
         factor = self.lr_factor(step)

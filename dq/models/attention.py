@@ -6,6 +6,10 @@ operands can be quantized:
 
     S = Q_q(q) · Q_k(k)ᵀ · attn.scale (+ mask);  P = softmax(S);  O = Q_p(P) · Q_v(v)
 
+(in blocks of query rows when the [B, H, N, S] scores would be large: under no_grad one block at a time;
+in training each block checkpointed, recomputed in backward with the same TPQ rows, so a long sequence never
+holds its whole scores, softmax and quantized probabilities for backward)
+
 with per-step-per-head TemporalActQuantizers ([T, H] tables, q/k/v/P in the [B, H, N, d] layout).
 The processor is an nn.Module, so ``Attention.set_processor`` registers it as the submodule
 ``processor`` and its tables are in the state_dict. to_q/to_k/to_v/to_out are QuantLinear layers
@@ -15,11 +19,28 @@ swapped in by ``dq.models.student.prepare`` like every other Linear. Families ca
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import Any
+
 import torch
+from torch.utils.checkpoint import checkpoint
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import Tensor, nn
 
 from dq.quant.quantizers import TemporalActQuantizer
+
+# Attention scores are computed in blocks of query rows of at most this size: SD-1.5's first self-attention
+# over 64×64 latents is 8 heads × 4096² floats = 512 MB per image, 8 GB at batch 16, and its softmax, the
+# fake quantizer's intermediates and the quantized copy several times that (the SD-1.5 dry run was killed at
+# 20.6 GB in distillation before this; docs/scale.md). Rows are independent (softmax and the per-head quantizer work
+# row-wise), so the result is the same up to the matmul kernel's blocking (tests/test_scale.py).
+SCORES_BYTES = 256 * 2**20
+
+
+def _rows(mask: Tensor | None, i: int, rows: int, n: int) -> Tensor | None:
+    """The mask of query rows i..i+rows (a mask broadcast over the queries stays as it is)."""
+    return mask if mask is None or mask.shape[-2] != n else mask[..., i:i + rows, :]
 
 
 class QuantAttnProcessor(nn.Module):
@@ -113,16 +134,17 @@ class QuantAttnProcessor(nn.Module):
         query, key, value = self._q(self.q_quant, query), self._q(self.k_quant, key), self._q(self.v_quant, value)
         if attn.upcast_attention:
             query, key = query.float(), key.float()
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [B, H, N, S]
-        if attention_mask is not None:  # additive bias, or boolean "may attend" as in SDPA
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, float("-inf"))
-            else:
-                scores = scores + attention_mask
-        if attn.upcast_softmax:
-            scores = scores.float()
-        probs = self._q(self.prob_quant, scores.softmax(dim=-1).to(dtype))
-        hidden_states = torch.matmul(probs, value)  # [B, H, N, d]
+        n, s = query.shape[2], key.shape[2]
+        rows = max(1, SCORES_BYTES // (batch_size * attn.heads * s * 4))
+        if rows >= n:
+            hidden_states = self._attend(attn, query, key, value, attention_mask, dtype)
+        else:  # the [B, H, N, S] scores one block of query rows at a time (rows are independent)
+            attend = self._attend
+            if torch.is_grad_enabled():  # training: keep no block's scores for backward, recompute them there
+                attend = functools.partial(checkpoint, self._attend, use_reentrant=False, context_fn=self._same_rows)
+            hidden_states = torch.cat([attend(attn, query[:, :, i:i + rows], key, value,
+                                              _rows(attention_mask, i, rows, n), dtype)
+                                       for i in range(0, n, rows)], dim=2)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -133,6 +155,27 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _same_rows(self) -> tuple[Any, Any]:
+        """Checkpoint contexts: the recomputation in backward reads the TPQ rows the forward read (the
+        step index is reset once the block's forward returns)."""
+        si = None if self.prob_quant is None else self.prob_quant._step_index
+        rows = None if si is None else si.current
+        return contextlib.nullcontext(), contextlib.nullcontext() if rows is None else si.use(rows)
+
+    def _attend(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                dtype: torch.dtype) -> Tensor:
+        """Q_p(softmax(q·kᵀ·scale + mask)) · v for quantized q, k, v: [B, H, n, d]."""
+        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [B, H, n, S]
+        if attention_mask is not None:  # additive bias, or boolean "may attend" as in SDPA
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, float("-inf"))
+            else:
+                scores = scores + attention_mask
+        if attn.upcast_softmax:
+            scores = scores.float()
+        probs = self._q(self.prob_quant, scores.softmax(dim=-1).to(dtype))
+        return torch.matmul(probs, value)  # [B, H, n, d]
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}"

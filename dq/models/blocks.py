@@ -62,7 +62,7 @@ def run_blocks(blocks: list[Block], state: Any, upto: int) -> Any:
     return state
 
 
-def _map_state(state: Any, fn: Callable[[list], Any], others: list | None = None) -> Any:
+def map_state(state: Any, fn: Callable[[list], Any], others: list | None = None) -> Any:
     """Apply ``fn`` to every tensor field of a (dataclass) block state, across ``[state, *others]``."""
     states = [state, *(others or [])]
     out = {}
@@ -77,12 +77,12 @@ def _map_state(state: Any, fn: Callable[[list], Any], others: list | None = None
 
 def cat_states(states: list[Any]) -> Any:
     """One state holding the batches of ``states`` one after another (dim 0)."""
-    return _map_state(states[0], torch.cat, states[1:])
+    return map_state(states[0], torch.cat, states[1:])
 
 
 def index_state(state: Any, idx: torch.Tensor) -> Any:
     """The samples ``idx`` of a batched state."""
-    return _map_state(state, lambda v: v[0][idx])
+    return map_state(state, lambda v: v[0][idx])
 
 
 def state_nbytes(state: Any) -> int:
@@ -91,5 +91,5 @@ def state_nbytes(state: Any) -> int:
     def add(v: list) -> torch.Tensor:
         total[0] += v[0].numel() * v[0].element_size()
         return v[0]
-    _map_state(state, add)
+    map_state(state, add)
     return total[0]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from dq.errors import DQError
 from dq.models.families import model_class
-from dq.models.load import DiffusionModel
+from dq.models.load import DiffusionModel, ModelConfig, load_model
 from dq.models.student import prepare
 from dq.quant.config import QuantConfig
 
@@ -87,3 +87,22 @@ def load_student(path: str | Path) -> tuple[DiffusionModel, dict[str, Any]]:
     denoiser.load_state_dict(state, strict=True)
     denoiser.eval().requires_grad_(False)
     return DiffusionModel(denoiser, DDPMScheduler.from_config(meta["scheduler_config"]), f"student:{path}"), meta
+
+
+PARTS = ("vae", "text_encoder", "tokenizer")
+
+
+def attach_teacher_parts(student: DiffusionModel, meta: dict[str, Any], why: str) -> DiffusionModel:
+    """Load the teacher a student's run started from (its ``run_config.model``) and give the student the
+    pipeline parts it was trained with (``meta["teacher_parts"]``: VAE, text encoder, tokenizer).
+    Returns the teacher. ``why`` names the reason in the one-line error when the teacher cannot be loaded."""
+    model_cfg = (meta.get("run_config") or {}).get("model")
+    if model_cfg is None:
+        raise DQError(f"{why}: the student does not record the teacher it came from (run_config.model)")
+    try:
+        teacher = load_model(ModelConfig(**model_cfg))
+    except DQError as e:
+        raise DQError(f"{why}: cannot load the student's teacher: {e}") from None
+    for part in meta.get("teacher_parts") or []:
+        setattr(student, part, getattr(teacher, part))
+    return teacher

@@ -7,6 +7,8 @@
     model.safetensors            integer weights packed at their bit-width (two 4-bit values per byte),
                                  per-channel Δ_w / z_w, per-step Δ_x / z_x tables, Weight-Dilation input
                                  scales that were not folded, and every float tensor that stays float
+    vae/, text_encoder/, tokenizer/  the rest of the pipeline where the model has one (save_pretrained
+                                 folders), listed under ``pipeline`` in quantization_config.json
 
 ``load_export(dir, runtime)`` rebuilds it without teacher or calibration: ``reference`` computes
 exactly the fake-quant student (bitwise: the weights are the dequantized integers the fake quantizer
@@ -14,6 +16,7 @@ produced), ``int8`` runs every quantized conv / linear on oneDNN's u8 × s8 kern
 ``compiled`` runs those layers inside one inductor graph per batch shape (dq.quant.compiled), and
 ``auto`` (the default) picks the fastest of them this machine supports and logs which. Everything a
 file declares is checked against the rest before use: a tampered or mismatched export is one error line.
+``load_pipeline(dir)`` returns a ready diffusers pipeline around the quantized denoiser.
 """
 from __future__ import annotations
 
@@ -26,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dq.errors import DQError, choice_error
+from dq.models.components import load_component
 from dq.models.families import model_class
 from dq.models.load import DiffusionModel
+from dq.models.checkpoint import PARTS
 from dq.models.student import prepare
 from dq.quant.config import QuantConfig
 from dq.quant.compiled import compile_int8
@@ -103,7 +108,10 @@ def _int_weight(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def export_student(student: DiffusionModel, meta: dict[str, Any], out: str | Path) -> Path:
     """Write ``student`` (a prepared, trained denoiser) as an export folder; ``meta`` is its checkpoint
-    metadata (quant, method, sampler, teacher, run_config). Written to a temporary folder, then renamed."""
+    metadata (quant, method, sampler, teacher, run_config). The student's VAE, text encoder and tokenizer,
+    where it has them, are written beside it (``vae/``, ``text_encoder/``, ``tokenizer/``, listed under
+    ``pipeline`` in quantization_config.json), so the export alone samples images. Written to a temporary
+    folder, then renamed."""
     out = Path(out)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +136,12 @@ def export_student(student: DiffusionModel, meta: dict[str, Any], out: str | Pat
           "timesteps": meta["quant"]["timesteps"], "layers": layers,
           "provenance": {"teacher": meta.get("teacher"), "command": meta.get("command"),
                          "run_config": meta.get("run_config")}}
+    for role in PARTS:  # the rest of the pipeline, as diffusers / transformers folders (safetensors + JSON)
+        part = getattr(student, role)
+        if part is not None:
+            part.save_pretrained(tmp / role)
+            library = "transformers" if role in ("text_encoder", "tokenizer") else "diffusers"
+            qc.setdefault("pipeline", {})[role] = [library, type(part).__name__]
     (tmp / "quantization_config.json").write_text(json.dumps(qc, indent=1, default=list))
     if out.exists():
         shutil.rmtree(out)
@@ -245,7 +259,19 @@ def load_export(path: str | Path, runtime: str = "auto") -> tuple[DiffusionModel
     for _, layer in iter_quant_layers(model):
         layer.weight_quant.enabled = False  # weights are already on their grid (re-quantizing is the identity)
     use_runtime(model, runtime)
-    return DiffusionModel(model, scheduler, f"export:{path}:{runtime}"), {**qc, "runtime": runtime}
+    parts = {role: load_component(path, qc["pipeline"], role) for role in qc.get("pipeline", {})}
+    return DiffusionModel(model, scheduler, f"export:{path}:{runtime}", **parts), {**qc, "runtime": runtime}
+
+
+def load_pipeline(path: str | Path, runtime: str = "auto") -> Any:
+    """A ready diffusers pipeline (DDIM / LDM / StableDiffusion / DiT / PixArt-α, by the model's family)
+    around the exported quantized denoiser, with a DDIM scheduler on the model's noise schedule. Call it
+    with the step count the student was trained for (``quantization_config.json`` → ``sampler.steps``):
+    its per-step tables hold those timesteps, and another count fails naming them."""
+    model, qc = load_export(path, runtime)
+    steps = (qc.get("sampler") or {}).get("steps")
+    log.info("pipeline around %s; sample with num_inference_steps=%s", path, steps)
+    return model.family.pipeline(model, DDIMScheduler.from_config(model.scheduler.config))
 
 
 def export_from_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
@@ -256,5 +282,5 @@ def export_from_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return export_student(student, meta, out)
 
 
-__all__ = ["export_student", "load_export", "export_from_checkpoint", "is_export", "pack", "unpack", "RUNTIMES",
+__all__ = ["export_student", "load_export", "load_pipeline", "export_from_checkpoint", "is_export", "pack", "unpack", "RUNTIMES",
            "best_runtime", "resolve_runtime", "use_runtime"]

@@ -28,6 +28,7 @@ from dq.models.components import load_component, pipeline_archs
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_TEACHER = ASSETS / "digits_teacher"
 SOURCES = ("embedded", "local", "hub", "tiny")
+REAL_SIZE = ("ddpm_cifar10", "dit_xl2", "ldm_bedroom_unet", "sd15_unet")  # denoiser archs at a published model's real size
 
 
 @dataclass
@@ -196,7 +197,8 @@ def build_arch(arch: str, seed: int = 0) -> DiffusionModel:
         raise choice_error("model.arch", arch, [*known, *pipes])
     cls, kwargs = known[arch]
     torch.manual_seed(seed)
-    return DiffusionModel(cls(**kwargs).eval(), DDPMScheduler(num_train_timesteps=1000), f"tiny_{arch}")
+    name = f"standin_{arch} (random init)" if arch in REAL_SIZE else f"tiny_{arch}"
+    return DiffusionModel(cls(**kwargs).eval(), DDPMScheduler(num_train_timesteps=1000), name)
 
 
 def load_model(cfg: ModelConfig) -> DiffusionModel:

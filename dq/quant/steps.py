@@ -58,7 +58,7 @@ class StepIndex(nn.Module):
             if not torch.equal(raw, raw.round()):
                 raise ValueError(f"raw timesteps must be integers, got {raw.flatten().tolist()[:16]}")
             raw = raw.round()
-        raw = raw.to(torch.long)
+        raw = raw.to(torch.long).contiguous()  # (a pipeline may pass an expanded view)
         if known.numel() == 0:
             raise ValueError("this StepIndex holds no timesteps (shared tables); there are no rows to look up")
         sorted_t, order = torch.sort(known)

@@ -31,7 +31,7 @@ class EvaluateTask:
     floor: bool = True
     grid: int = 64
     seeds: int = 1
-    guidance_scale: float = 1.0
+    guidance_scale: Optional[float] = None  # None: a student's own (its run's calib.guidance_scale), else 1
     with_teacher: bool = False
 
 

@@ -132,9 +132,9 @@ def job_overrides() -> list[str]:
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:
     """results.json, written to a temporary name and renamed (never half-written)."""
-    from dq import allocator
+    from dq import allocator, machine
 
-    results = {"overrides": job_overrides(), **results, "allocator": allocator.STATE}
+    results = {"overrides": job_overrides(), **results, "allocator": allocator.STATE, "machine": machine.describe()}
     path = out / "results.json"
     tmp = out / f"results.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(results, indent=2, default=float))

@@ -28,10 +28,10 @@ from dq.config import typed
 from dq.errors import DQError
 from dq.evaluation import evaluate_models, format_table, log_results
 from dq.metrics.features import make_backend
-from dq.models.checkpoint import load_student
+from dq.models.checkpoint import attach_teacher_parts, load_student
 from dq.models.export import is_export, load_export, resolve_runtime, use_runtime
 from dq.models.conditioning import prompt_of, with_prompts
-from dq.models.load import DiffusionModel, ModelConfig, load_model
+from dq.models.load import DiffusionModel
 from dq.models.sampling import SamplerConfig, sampler_timesteps
 from dq.quant.retarget import retarget
 from dq.tasks.common import (command_line, finish_logger, load_teacher, make_logger, protocol, run_device, run_dir,
@@ -94,25 +94,16 @@ def load_checkpoint(cfg: DictConfig) -> tuple[SamplerConfig, DiffusionModel, dic
     sampler = resolve_sampler(cfg, meta["sampler"])
     mapping = match_student_steps(meta, student, sampler)
     models: dict[str, torch.nn.Module] = {}
-    parts = meta.get("teacher_parts") or []  # a latent / text-to-image student decodes and encodes with its teacher's
+    parts = [] if is_export(path) else meta.get("teacher_parts") or []  # an export carries its parts itself
     if cfg.task.with_teacher or parts:
         why = "task.with_teacher=true" if cfg.task.with_teacher else f"the student needs its teacher's {', '.join(parts)}"
-        model_cfg = (meta.get("run_config") or {}).get("model")
-        if model_cfg is None:
-            raise DQError(f"student {path} does not record the teacher it came from (run_config.model); "
-                          f"use task.with_teacher=false")
-        try:
-            teacher = load_model(ModelConfig(**model_cfg))
-        except DQError as e:
-            raise DQError(f"{why}: cannot load the student's teacher: {e}") from None
-        for part in parts:
-            setattr(student, part, getattr(teacher, part))
-        with_prompts(student, cfg.data.get("prompts")).to(run_device(cfg))
+        teacher = attach_teacher_parts(student, {**meta, "teacher_parts": parts}, why)
         if cfg.task.with_teacher:
             models["fp"] = teacher.to(run_device(cfg)).denoiser
+    with_prompts(student, cfg.data.get("prompts")).to(run_device(cfg))
     models["student"] = student.denoiser
     info = {"ckpt_path": path, "runtime": runtime, "model": meta["teacher"], "quant": meta["quant"],
-            "trained_sampler": meta["sampler"], "tpq_mapping": mapping}
+            "trained_sampler": meta["sampler"], "tpq_mapping": mapping, "run_config": meta.get("run_config")}
     return sampler, student, models, info
 
 
@@ -124,6 +115,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         sampler = resolve_sampler(cfg, None)
         model = load_teacher(cfg)
         models, info = {"fp": model.denoiser}, {"model": model.name}
+    run_config = info.pop("run_config", None)
+    if cfg.task.guidance_scale is None:  # a student samples with the guidance it was distilled under
+        trained = ((run_config or {}).get("calib") or {}).get("guidance_scale", 1.0)
+        cfg.task.guidance_scale = float(trained) if isinstance(trained, (int, float)) else 1.0
+        if cfg.task.guidance_scale != 1.0:
+            log.info("task.guidance_scale=%s: the guidance the student was distilled under", cfg.task.guidance_scale)
+        info["guidance_scale"] = cfg.task.guidance_scale
     p = protocol(cfg, sampler)
     out = run_dir(cfg)
     logger = make_logger(cfg, out, job="evaluate")

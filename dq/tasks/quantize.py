@@ -37,6 +37,8 @@ from dq.models.checkpoint import save_student
 from dq.models.conditioning import check_guidance, conditioning_notes, prompt_of, standin
 from dq.models.load import DiffusionModel
 from dq.models.sampling import sampler_timesteps
+from dq import allocator
+from dq.phases import Phases
 from dq.tasks.common import (command_line, finish_logger, load_teacher, make_logger, protocol, run_dir,
                              trainer_kwargs, wandb_group, write_results)
 
@@ -50,18 +52,15 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def timed(fn: Any, timings: dict[str, float], key: str) -> Any:
-    """``fn`` whose wall time is added to ``timings[key]``."""
+def timed(fn: Any, phases: Phases, key: str) -> Any:
+    """``fn`` run as the phase ``key`` (wall time and peak memory in results.json's ``phases``)."""
     def wrapper(*args: Any) -> Any:
-        start = time.time()
-        try:
+        with phases(key):
             return fn(*args)
-        finally:
-            timings[key] = timings.get(key, 0.0) + time.time() - start
     return wrapper
 
 
-def make_job(cfg: DictConfig, teacher: DiffusionModel, out: Path, logger: Any, timings: dict[str, float]) -> Job:
+def make_job(cfg: DictConfig, teacher: DiffusionModel, out: Path, logger: Any, phases: Phases) -> Job:
     sampler, calib_cfg, dcfg = typed(cfg, "sampler"), typed(cfg, "calib"), typed(cfg, "distill")
     resume = cfg.task.resume
     if resume and not Path(str(resume)).is_file():
@@ -77,7 +76,7 @@ def make_job(cfg: DictConfig, teacher: DiffusionModel, out: Path, logger: Any, t
     # bad block names fail before any work
     select_blocks(teacher.family.blocks(teacher.denoiser, dcfg.granularity), dcfg.blocks)
     calibration = functools.cache(timed(lambda: load_or_generate(teacher, sampler, calib_cfg,
-                                                                 Path(str(cfg.paths.cache_dir))), timings, "calibration_data"))
+                                                                 Path(str(cfg.paths.cache_dir))), phases, "calibration_data"))
     fid = fid_callback(typed(cfg, "callbacks").fid, teacher, sampler, typed(cfg, "metrics"), typed(cfg, "data"),
                        str(cfg.paths.cache_dir), int(cfg.seed), out_dir=out)
     run = FitRun(out=out, seed=int(cfg.seed), trainer=trainer_kwargs(cfg), logger=logger,
@@ -89,7 +88,7 @@ def make_job(cfg: DictConfig, teacher: DiffusionModel, out: Path, logger: Any, t
         (log.warning if standin(teacher) else log.info)(note)
     return Job(notes=notes, teacher=teacher, quant=typed(cfg, "quant"), distill=dcfg, timesteps=sampler_timesteps(teacher, sampler),
                calibration=calibration,
-               fit=timed(lambda student, d: fit(student, teacher.denoiser, calibration(), d, run), timings, "distill"),
+               fit=timed(lambda student, d: fit(student, teacher.denoiser, calibration(), d, run), phases, "distill"),
                act_init_samples=calib_cfg.act_init_samples, resume=bool(resume))
 
 
@@ -100,14 +99,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method = typed(cfg, "method")
     recipe = recipe_for(method)
     p = protocol(cfg)  # validates the evaluation settings before any work
-    teacher = load_teacher(cfg)
+    phases = Phases()
+    with phases("load_teacher"):
+        teacher = load_teacher(cfg)
     check_guidance(teacher, p.guidance_scale, "task.guidance_scale")
     logger = make_logger(cfg, out, job="quantize")
     try:
-        timings: dict[str, float] = {}
-        job = make_job(cfg, teacher, out, logger, timings)
-        student: Student = timed(recipe, timings, "method")(job, method)
-        timings["method_other"] = timings.pop("method") - timings.get("distill", 0) - timings.get("calibration_data", 0)
+        job = make_job(cfg, teacher, out, logger, phases)
+        student: Student = timed(recipe, phases, "method")(job, method)
+        allocator.release()  # what distillation freed (optimizer states, activations) back to the OS
+        sec = {k: v["seconds"] for k, v in phases.records.items()}
+        timings = {k: sec[k] for k in ("calibration_data", "distill") if k in sec}
+        timings["method_other"] = sec["method"] - sum(timings.values())
         results: dict[str, Any] = {
             "command": command_line(), "model": teacher.name, "method": OmegaConf.to_container(cfg.method),
             "quant": OmegaConf.to_container(cfg.quant), "sampler": OmegaConf.to_container(cfg.sampler),
@@ -120,11 +123,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not student.train.get("is_global_zero", True):
             return {"bits": results["bits"]}
         if student.model is not None:
-            save_student(out / STUDENT_FILE, student.model, teacher, student.qcfg,
-                         {"command": results["command"], "sampler": OmegaConf.to_container(cfg.sampler),
-                          "method": results["method"],
-                          "teacher_parts": [k for k in ("vae", "text_encoder", "tokenizer") if getattr(teacher, k) is not None],
-                          "run_config": OmegaConf.to_container(cfg, resolve=False)})
+            parts = [k for k in ("vae", "text_encoder", "tokenizer") if getattr(teacher, k) is not None]
+            with phases("save_student"):
+                save_student(out / STUDENT_FILE, student.model, teacher, student.qcfg,
+                             {"command": results["command"], "sampler": OmegaConf.to_container(cfg.sampler),
+                              "method": results["method"], "teacher_parts": parts,
+                              "run_config": OmegaConf.to_container(cfg, resolve=False)})
         results["train_seconds"] = time.time() - start
         if cfg.task.evaluate:
             if student.model is None:
@@ -135,7 +139,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 models = {"student": student.model}
             if student.model is not None:  # Lightning hands the trained student back on the CPU
                 student.model.to(teacher.device)
-            ev = evaluate_models(p, teacher, models, out, prompts=prompt_of(teacher, torch.arange(p.num_samples)))
+            with phases("evaluation"):
+                ev = evaluate_models(p, teacher, models, out, prompts=prompt_of(teacher, torch.arange(p.num_samples)))
             print(format_table(ev["rows"]))
             if len(models) == 2:
                 side_by_side_png([out / "samples_fp.png", out / "samples_student.png"],
@@ -151,6 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                                       if k in ("calibration_data", "distill", "method_other")),
                               **timings}
         results["peak_memory_mb"] = peak_memory_mb()
+        results["phases"] = phases.summary()
         write_results(out, results)
         return {"bits": results["bits"], **results.get("summary", {}), "wall_seconds": results["wall_seconds"]}
     finally:

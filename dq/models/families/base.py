@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dq.errors import DQError
 from dq.models.blocks import Block
 from dq.quant.config import QuantConfig
 from dq.quant.scaling import DilationGroup
@@ -47,6 +48,20 @@ class ModelFamily:
         """ε-prediction [B, C, H, W] for x_t [B, C, H, W] at raw timesteps t ([B] or scalar); ``cond`` is
         None, a tensor (the family's conditioning input) or a dict of extra keyword arguments."""
         raise NotImplementedError
+
+    def pipeline(self, model: Any, scheduler: Any) -> Any:
+        """The diffusers pipeline of ``model`` (a DiffusionModel: denoiser and, where it has them, vae,
+        text_encoder, tokenizer) sampling with ``scheduler``; a one-line DQError where a part is missing."""
+        raise NotImplementedError
+
+    @staticmethod
+    def parts_of(model: Any, pipeline: str, *roles: str) -> dict[str, Any]:
+        """{role: part} of ``model`` for a diffusers ``pipeline``, or the one-line error naming what is missing."""
+        missing = [r for r in roles if getattr(model, r) is None]
+        if missing:
+            raise DQError(f"a {pipeline} needs the model's {', '.join(missing)}; load a pipeline folder or an "
+                          f"export that carries them")
+        return {r: getattr(model, r) for r in roles}
 
     def timestep_of(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor | int, int]:
         """(timestep argument, batch size) of a call ``model(*args, **kwargs)`` (the TPQ hook reads it)."""

@@ -67,6 +67,11 @@ class DiTFamily(ModelFamily):
     classes = (DiTTransformer2DModel,)
     archs = ARCHS
 
+    def pipeline(self, model, scheduler):
+        from diffusers import DiTPipeline
+
+        return DiTPipeline(transformer=model.denoiser, scheduler=scheduler, **self.parts_of(model, "DiTPipeline", "vae"))
+
     # ------------------------------------------------------------------ calling the model
     def forward(self, model, x, t, cond=None):
         t = batch_timesteps(t, x)

@@ -70,6 +70,12 @@ class PixArtFamily(ModelFamily):
     archs = ARCHS
 
     # ------------------------------------------------------------------ calling the model
+    def pipeline(self, model, scheduler):
+        from diffusers import PixArtAlphaPipeline
+
+        return PixArtAlphaPipeline(transformer=model.denoiser, scheduler=scheduler,
+                                   **self.parts_of(model, "PixArtAlphaPipeline", "vae", "text_encoder", "tokenizer"))
+
     def forward(self, model, x, t, cond=None):
         t = batch_timesteps(t, x)
         if isinstance(cond, dict):

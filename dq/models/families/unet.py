@@ -6,14 +6,13 @@ Blocks follow the model's own structure (no patched model code): ``stem`` (time 
 ``down.{i}``, ``mid``, ``up.{i}``, ``head`` (norm_out, act, conv_out). A block's outputs are what
 distillation compares: the stem's feature map and time embedding, a down block's hidden state and
 every residual it pushes for the skip connections, the hidden state of mid / up blocks, and the
-network output of the head.
+network output of the head. The block state and the cut into units are in unet_blocks.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-import torch
 import torch.nn as nn
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention import BasicTransformerBlock
@@ -25,6 +24,7 @@ from dq.models.attention import install_quant_attention
 from dq.models.blocks import Block, check_granularity, whole_model
 from dq.models.families import register
 from dq.models.families.base import Conditioning, ModelFamily
+from dq.models.families.unet_blocks import UNetState, block_units, module_units
 from dq.quant.config import QuantConfig
 from dq.quant.scaling import DilationGroup
 
@@ -33,9 +33,10 @@ EMBEDDINGS = ("time_embedding", "class_embedding", "add_embedding")
 
 # The embedded teacher (1.1M parameters, resolutions 16/8/4, attention at 8×8), google/ddpm-cifar10-32's
 # architecture (35.7M) for benchmarks, and tiny ones for tests (thousands of parameters).
+_D3, _U3 = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+_D2, _U2 = ("DownBlock2D", "AttnDownBlock2D"), ("AttnUpBlock2D", "UpBlock2D")
 DIGITS = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
-              down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-              up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=16)
+              down_block_types=_D3, up_block_types=_U3, norm_num_groups=8, attention_head_dim=16)
 DDPM_CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
                     layers_per_block=2,
                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -44,45 +45,27 @@ DDPM_CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, block_out_cha
 ARCHS: dict[str, tuple[type, dict[str, Any]]] = {
     "digits": (UNet2DModel, DIGITS),
     "ddpm_cifar10": (UNet2DModel, DDPM_CIFAR10),
-    "unet2d": (UNet2DModel, dict(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8)),
+    "unet2d": (UNet2DModel, dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
+                                 layers_per_block=1, down_block_types=_D3, up_block_types=_U3, norm_num_groups=4,
+                                 attention_head_dim=8)),
     "unet2d_class": (UNet2DModel, dict(  # class-conditional (class_labels), like LDM cin256's UNet
         sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=8, num_class_embeds=10)),
+        down_block_types=_D2, up_block_types=_U2, norm_num_groups=4, attention_head_dim=8, num_class_embeds=10)),
     "unet2d_latent": (UNet2DModel, dict(  # in a VQ autoencoder's 3-channel latent space (model=tiny_ldm)
         sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, attention_head_dim=8)),
+        down_block_types=_D2, up_block_types=_U2, norm_num_groups=8, attention_head_dim=8)),
+    # real sizes, the denoisers of the stand-in pipelines (dq.models.components): LDM-4 LSUN-Bedroom (274M, in a
+    # VQ-f4 64×64×3 latent space) and SD-1.5 (859.5M; diffusers' defaults are SD-1.x's)
+    "ldm_bedroom_unet": (UNet2DModel, dict(
+        sample_size=64, in_channels=3, out_channels=3, block_out_channels=(224, 448, 672, 896), layers_per_block=2,
+        attention_head_dim=32, down_block_types=("DownBlock2D", *("AttnDownBlock2D",) * 3),
+        up_block_types=(*("AttnUpBlock2D",) * 3, "UpBlock2D"))),
+    "sd15_unet": (UNet2DConditionModel, dict(sample_size=64, cross_attention_dim=768)),
     "unet2d_cond": (UNet2DConditionModel, dict(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, norm_num_groups=8, attention_head_dim=8)),
 }
-
-
-@dataclass
-class UNetState:
-    """What flows between blocks. ``res`` is the stack of skip tensors the down blocks pushed."""
-
-    sample: torch.Tensor                       # [B, C, H, W] hidden state (x_t before the stem)
-    timestep: torch.Tensor                     # [B] raw timesteps
-    emb: torch.Tensor | None = None            # [B, D] time embedding, set by the stem
-    res: tuple[torch.Tensor, ...] = ()         # skip tensors, pushed by stem/down, popped by up
-    encoder_hidden_states: torch.Tensor | None = None  # [B, L, D] for text-conditional UNets
-    class_labels: torch.Tensor | None = None           # [B] integer labels for class-conditional UNets
-    new: tuple[torch.Tensor, ...] = field(default=())   # this block's outputs for the loss
-
-    def detach(self) -> "UNetState":
-        """A gradient-free copy whose tensors are contiguous. Contiguity is not cosmetic: attention blocks
-        emit channels-last strided maps, and torch 2.13 on CPU segfaults in the backward of a
-        GroupNorm→SiLU→Conv2d resnet fed such a map as a non-grad leaf (tests/test_blocks.py)."""
-        d = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731
-        return replace(self, sample=d(self.sample), emb=d(self.emb), res=tuple(d(r) for r in self.res),
-                       new=tuple(d(n) for n in self.new), encoder_hidden_states=d(self.encoder_hidden_states),
-                       class_labels=d(self.class_labels))
 
 
 def _skipped(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -96,6 +79,17 @@ def _affine_norm(m: nn.Module | None) -> bool:
 class UNetFamily(ModelFamily):
     classes = (UNet2DModel, UNet2DConditionModel)
     archs = ARCHS
+
+    def pipeline(self, model, scheduler):
+        from diffusers import DDIMPipeline, LDMPipeline, StableDiffusionPipeline
+
+        if isinstance(model.denoiser, UNet2DConditionModel):
+            return StableDiffusionPipeline(**self.parts_of(model, "StableDiffusionPipeline", "vae", "text_encoder",
+                                                           "tokenizer"), unet=model.denoiser, scheduler=scheduler,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if model.vae is not None:
+            return LDMPipeline(vqvae=model.vae, unet=model.denoiser, scheduler=scheduler)
+        return DDIMPipeline(unet=model.denoiser, scheduler=scheduler)
 
     # ------------------------------------------------------------------ calling the model
     def forward(self, model, x, t, cond=None):
@@ -231,89 +225,8 @@ class UNetFamily(ModelFamily):
         stem_modules += [unet.time_embed_act] if cond and unet.time_embed_act is not None else []
         stem_modules += [unet.class_embedding] if labels else []
         head_modules = [m for m in (unet.conv_norm_out, unet.conv_act, unet.conv_out) if m is not None]
-        middle = _module_units(unet) if granularity == "module" else _block_units(unet)
+        middle = module_units(unet) if granularity == "module" else block_units(unet)
         return [Block("stem", stem_modules, stem), *middle, Block("head", head_modules, head)]
-
-
-def _cross_kwargs(block: nn.Module, s: UNetState) -> dict[str, Any]:
-    return {"encoder_hidden_states": s.encoder_hidden_states} if getattr(block, "has_cross_attention", False) else {}
-
-
-def _block_units(unet: nn.Module) -> list[Block]:
-    units = []
-    for i, down in enumerate(unet.down_blocks):
-        def f(s: UNetState, down=down) -> UNetState:
-            h, res = down(hidden_states=s.sample, temb=s.emb, **_cross_kwargs(down, s))
-            return replace(s, sample=h, res=s.res + tuple(res), new=(h, *res))
-        units.append(Block(f"down.{i}", [down], f))
-    if unet.mid_block is not None:
-        mid = unet.mid_block
-
-        def fm(s: UNetState) -> UNetState:
-            h = mid(s.sample, s.emb, **_cross_kwargs(mid, s))
-            return replace(s, sample=h, new=(h,))
-        units.append(Block("mid", [mid], fm))
-    for i, up in enumerate(unet.up_blocks):
-        def fu(s: UNetState, up=up) -> UNetState:
-            n = len(up.resnets)
-            h = up(hidden_states=s.sample, temb=s.emb, res_hidden_states_tuple=s.res[-n:], **_cross_kwargs(up, s))
-            return replace(s, sample=h, res=s.res[:-n], new=(h,))
-        units.append(Block(f"up.{i}", [up], fu))
-    return units
-
-
-def _module_units(unet: nn.Module) -> list[Block]:
-    """Down / mid / up blocks split into ResNets, attentions and resamplers, replaying each block's
-    own control flow (tested equal to the block forward)."""
-    def resnet(name: str, m: nn.Module, push: bool, pop: bool) -> Block:
-        def f(s: UNetState) -> UNetState:
-            h, res = s.sample, s.res
-            if pop:  # up blocks concatenate the matching skip tensor first
-                h, res = torch.cat([h, res[-1]], dim=1), res[:-1]
-            h = m(h, s.emb)
-            return replace(s, sample=h, res=res + ((h,) if push else ()), new=(h,))
-        return Block(name, [m], f)
-
-    def attention(name: str, m: nn.Module, push: bool) -> Block:
-        def f(s: UNetState) -> UNetState:
-            if isinstance(m, Transformer2DModel):  # cross-attention blocks; returns a tuple
-                h = m(s.sample, encoder_hidden_states=s.encoder_hidden_states, return_dict=False)[0]
-            else:  # a plain Attention gets the time embedding (used only by spatial norms)
-                h = m(s.sample, temb=s.emb)
-            return replace(s, sample=h, res=s.res + ((h,) if push else ()), new=(h,))
-        return Block(name, [m], f)
-
-    def resample(name: str, block: nn.Module, m: nn.Module, push: bool) -> Block:
-        takes_temb = getattr(block, "downsample_type", getattr(block, "upsample_type", None)) == "resnet"
-
-        def f(s: UNetState) -> UNetState:
-            h = m(s.sample, temb=s.emb) if takes_temb else m(s.sample)
-            return replace(s, sample=h, res=s.res + ((h,) if push else ()), new=(h,))
-        return Block(name, [m], f)
-
-    units: list[Block] = []
-    for i, down in enumerate(unet.down_blocks):
-        attns = list(getattr(down, "attentions", None) or [])
-        for j, r in enumerate(down.resnets):
-            units.append(resnet(f"down.{i}.resnets.{j}", r, push=not attns, pop=False))
-            if attns:
-                units.append(attention(f"down.{i}.attentions.{j}", attns[j], push=True))
-        units += [resample(f"down.{i}.downsamplers.{j}", down, d, True) for j, d in enumerate(down.downsamplers or [])]
-    if unet.mid_block is not None:
-        mid = unet.mid_block
-        units.append(resnet("mid.resnets.0", mid.resnets[0], push=False, pop=False))
-        for j, (a, r) in enumerate(zip(mid.attentions, mid.resnets[1:])):
-            if a is not None:
-                units.append(attention(f"mid.attentions.{j}", a, push=False))
-            units.append(resnet(f"mid.resnets.{j + 1}", r, push=False, pop=False))
-    for i, up in enumerate(unet.up_blocks):
-        attns = list(getattr(up, "attentions", None) or [])
-        for j, r in enumerate(up.resnets):
-            units.append(resnet(f"up.{i}.resnets.{j}", r, push=False, pop=True))
-            if attns:
-                units.append(attention(f"up.{i}.attentions.{j}", attns[j], push=False))
-        units += [resample(f"up.{i}.upsamplers.{j}", up, u, False) for j, u in enumerate(up.upsamplers or [])]
-    return units
 
 
 register(UNetFamily())
