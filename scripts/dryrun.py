@@ -25,17 +25,23 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.flop_counter import FlopCounterMode
 
+import dq.config  # noqa: F401  (registers the typed schemas the yaml files start from)
 from dq import machine
 from dq.errors import DQError, run_script
+from dq.models.blocks import state_nbytes
+from dq.models.conditioning import cond_fn_for
+from dq.models.load import ModelConfig, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-# preset → (train.py overrides, the paper protocol: sampler steps, calibration inputs, images for FID)
+# preset → train.py overrides (its paper protocol is the composed config without debug=dryrun)
 PRESETS = {
-    "ddpm_cifar10": (["experiment=ddpm_cifar10", "model=standin_ddpm_cifar10"], dict(steps=100, images=50_000)),
-    "ldm_bedroom": (["experiment=ldm_bedroom", "model=standin_ldm_bedroom"], dict(steps=200, images=50_000)),
-    "sd15": (["experiment=sd15", "model=standin_sd15"], dict(steps=50, images=10_000)),
-    "dit_xl2": (["model=standin_dit_xl2"], dict(steps=50, images=50_000)),
+    "ddpm_cifar10": ["experiment=ddpm_cifar10", "model=standin_ddpm_cifar10"],
+    "ldm_bedroom": ["experiment=ldm_bedroom", "model=standin_ldm_bedroom"],
+    "sd15": ["experiment=sd15", "model=standin_sd15"],
+    "dit_xl2": ["model=standin_dit_xl2"],
 }
 LIMIT_S, LIMIT_GB = 30 * 60, 20
 
@@ -64,11 +70,6 @@ def run(cmd: list[str], log: Path) -> dict:
 
 def flops_per_call(preset: str) -> dict:
     """FLOPs of one denoiser forward at batch 1 (torch's FlopCounterMode, float32), and parameter counts."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from dq.models.conditioning import cond_fn_for
-    from dq.models.blocks import state_nbytes
-    from dq.models.load import ModelConfig, load_model
 
     arch = {"ddpm_cifar10": "ddpm_cifar10", "ldm_bedroom": "ldm_bedroom", "sd15": "sd15", "dit_xl2": "dit_xl2_256"}[preset]
     m = load_model(ModelConfig(source="tiny", arch=arch))
@@ -91,7 +92,7 @@ def flops_per_call(preset: str) -> dict:
 
 
 def measure(preset: str, folder: Path) -> dict:
-    overrides, protocol = PRESETS[preset]
+    overrides = PRESETS[preset]
     work = folder / preset
     shutil.rmtree(work, ignore_errors=True)  # a fresh cell: a calibration cache left by an earlier try would hide its cost
     work.mkdir(parents=True)
@@ -114,7 +115,7 @@ def measure(preset: str, folder: Path) -> dict:
             "calibration_bytes": calib[0].stat().st_size if calib else None,
             **export_sizes(work / "export"),
             "eval_runtime": ev.get("runtime"), "eval_images": ev["rows"][-1].get("images") if ev.get("rows") else None,
-            "protocol": protocol, **flops_per_call(preset)}
+            **flops_per_call(preset)}
 
 
 def export_sizes(folder: Path) -> dict:
@@ -130,10 +131,6 @@ def export_sizes(folder: Path) -> dict:
 
 def settings(overrides: list[str]) -> dict:
     """The counts that set a run's cost, from the composed train.py config."""
-    from hydra import compose, initialize_config_dir
-
-    import dq.config  # noqa: F401  (registers the typed schemas the yaml files start from)
-
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("train", overrides=overrides)
     return {"sampler_steps": int(cfg.sampler.steps), "calib_trajectories": int(cfg.calib.n_trajectories),
@@ -234,7 +231,7 @@ def report(cells: list[dict], folder: Path) -> str:
         pj, p = projection(c), c["paper"]
         cpu, gpu = pj["cpu_h"], pj["gpu_h"]
         lines.append(f"| {c['preset']} | {p['calib_trajectories']} trajectories × {p['sampler_steps']} steps, "
-                     f"{p['steps_per_block']} steps/block at batch {p['distill_batch']}, {c['protocol']['images']:,} images | "
+                     f"{p['steps_per_block']} steps/block at batch {p['distill_batch']}, {p['images']:,} images | "
                      + " | ".join(f"{hours(cpu[k])} / {hours(gpu[k])}" for k in ("calibration", "distill", "sampling"))
                      + f" | {hours(sum(cpu.values()))} / {hours(sum(gpu.values()))} |")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 
 from dq.errors import DQError
+from dq.models.diffusion_model import DiffusionModel
+from dq.models.families import archs
 
 # role → (model_index.json keys, library, supported classes)
 ROLES: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
@@ -65,8 +67,6 @@ def _tiny_sd(seed: int) -> Any:
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dq.models.families import archs
-    from dq.models.load import DiffusionModel
 
     cls, kwargs = archs()["unet2d_cond"]
     torch.manual_seed(seed)
@@ -88,8 +88,6 @@ def _tiny_sd(seed: int) -> Any:
 def _tiny_ldm(seed: int) -> Any:
     from diffusers import DDPMScheduler, VQModel
 
-    from dq.models.families import archs
-    from dq.models.load import DiffusionModel
 
     cls, kwargs = archs()["unet2d_latent"]
     torch.manual_seed(seed)
@@ -118,8 +116,6 @@ def _real_sd15(seed: int) -> Any:
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from dq.models.families import archs
-    from dq.models.load import DiffusionModel
 
     cls, kwargs = archs()["sd15_unet"]
     torch.manual_seed(seed)
@@ -145,8 +141,6 @@ def _real_ldm_bedroom(seed: int) -> Any:
     at 32/16/8, 32-channel heads) in a VQ-f4 autoencoder's 64×64×3 latent space (VQModel, 8192 codes), 256 px."""
     from diffusers import DDPMScheduler, VQModel
 
-    from dq.models.families import archs
-    from dq.models.load import DiffusionModel
 
     cls, kwargs = archs()["ldm_bedroom_unet"]
     torch.manual_seed(seed)
@@ -164,8 +158,6 @@ def _real_dit_xl2(seed: int) -> Any:
     diffusers, which keeps an embedder per block) on 32×32×4 latents with the sd-vae-ft-ema AutoencoderKL (83.7M)."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from dq.models.families import archs
-    from dq.models.load import DiffusionModel
 
     cls, kwargs = archs()["dit_xl2"]
     torch.manual_seed(seed)

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dq import allocator, machine
 from dq.config import LoggerConfig, typed
 from dq.evaluation import Protocol
 from dq.errors import DQError, choice_error
@@ -132,8 +133,6 @@ def job_overrides() -> list[str]:
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:
     """results.json, written to a temporary name and renamed (never half-written)."""
-    from dq import allocator, machine
-
     results = {"overrides": job_overrides(), **results, "allocator": allocator.STATE, "machine": machine.describe()}
     path = out / "results.json"
     tmp = out / f"results.json.tmp{os.getpid()}"
@@ -148,7 +147,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     A ``DQError`` (bad user input) prints as one line and exits with status 2. In a multirun any
     failure is logged with its traceback and the sweep goes on to the next job.
     """
-    from dq import allocator, console
+    from dq import console
 
     console.configure()
     state = allocator.tune()  # a no-op when dq.cli.run already applied it
