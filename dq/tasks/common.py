@@ -133,7 +133,8 @@ def job_overrides() -> list[str]:
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:
     """results.json, written to a temporary name and renamed (never half-written)."""
-    results = {"overrides": job_overrides(), **results, "allocator": allocator.STATE, "machine": machine.describe()}
+    results = {"overrides": job_overrides(), **results, "allocator": allocator.STATE, "machine": machine.describe(),
+               "code": machine.code_version()}
     path = out / "results.json"
     tmp = out / f"results.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(results, indent=2, default=float))
