@@ -38,15 +38,22 @@ from dq.models.load import DiffusionModel, ModelConfig, build_arch, load_model
 from dq.models.sampling import SamplerConfig, sampler_timesteps
 from dq.models.student import calibrate, prepare, weight_dilation
 from dq.quant.config import QuantConfig
+from dq.quant.lowrank import svd_init
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("digits:250", "digits:1", "ddpm_cifar10:16", "ddpm_cifar10:1", "dit_xl2:2")
 PEERS = ("FP bf16 + compile", "PT2E W8A8 + compile")  # the rows a user would pick instead of dq
-BITS = {"W4A4": (4, 4), "W4A8": (4, 8), "W8A8": (8, 8)}
-def student(teacher: DiffusionModel, bits: tuple[int, int], folder: Path) -> Path:
+# setting → (w_bits, a_bits, low-rank rank, split concatenations); the last two only where the model has them
+BITS = {"W4A4": (4, 4, 0, False), "W4A8": (4, 8, 0, False), "W8A8": (8, 8, 0, False),
+        "W4A4 split": (4, 4, 0, True), "W4A4 low-rank 16": (4, 4, 16, False)}
+
+
+def student(teacher: DiffusionModel, bits: tuple[int, int, int, bool], folder: Path) -> Path:
     """The export folder of a random-weight student at the main job's quantization."""
     ts = tuple(sampler_timesteps(teacher, SamplerConfig(steps=50)))
-    qcfg = QuantConfig(w_bits=bits[0], a_bits=bits[1], timesteps=ts, tpq_knots=4)
+    split = bits[3] and bool(teacher.family.concat_splits(teacher.denoiser))
+    qcfg = QuantConfig(w_bits=bits[0], a_bits=bits[1], timesteps=ts, tpq_knots=4, lowrank_rank=bits[2],
+                       split_concat=split)
     s = prepare(copy.deepcopy(teacher.denoiser), qcfg)
     g = torch.Generator().manual_seed(0)
     shape = teacher.sample_shape
@@ -55,6 +62,7 @@ def student(teacher: DiffusionModel, bits: tuple[int, int], folder: Path) -> Pat
     if cond is not None:
         batches = [(x, t, cond(torch.arange(len(t)))[0]) for x, t in batches]
     weight_dilation(s, batches[:4])
+    svd_init(s)
     calibrate(s, batches, "minmax")
     meta = {"quant": json.loads(json.dumps(qcfg.__dict__, default=list)), "sampler": {"name": "ddim", "steps": 50},
             "method": {"name": "speed-only (random weights, min–max tables)"}, "teacher": teacher.name}
@@ -121,7 +129,7 @@ def rows_for(teacher: DiffusionModel, batch: int, main_batch: bool, tmp: Path) -
     teacher.denoiser.save_pretrained(tmp / "fp")
     sizes = {"FP float32": folder_mb(tmp / "fp")}
     for name, bits in BITS.items():
-        if name != "W4A4" and not main_batch:
+        if name != "W4A4" and not main_batch or bits[3] and not teacher.family.concat_splits(teacher.denoiser):
             continue
         folder = student(teacher, bits, tmp / name)
         sizes[f"dq {name}"] = folder_mb(folder)

@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["fp", "ptq", "lsq_qat", "efficientdm", "smoothquant_bkd", "dilatequant_no_wd", "dilatequant_no_tpq",
-           "dilatequant_no_bkd", "dilatequant_table", "dilatequant_knots", "dilatequant"]
+METHODS = ["fp", "ptq", "lsq_qat", "efficientdm", "smoothquant_bkd", "svdquant", "dilatequant_no_wd",
+           "dilatequant_no_tpq", "dilatequant_no_bkd", "dilatequant_table", "dilatequant_knots", "dilatequant"]
 BITS = ["w4a4", "w4a8", "w6a6", "w8a8"]
-A8_SHORTCUTS = "quant.a8_layers=[up_blocks.2.resnets.0.conv_shortcut,up_blocks.2.resnets.1.conv_shortcut]"
+SHORTCUTS = "up_blocks.2.resnets.0.conv_shortcut,up_blocks.2.resnets.1.conv_shortcut"
+A8_SHORTCUTS = f"quant.a8_layers=[{SHORTCUTS}]"
 # the conditioning branch (timestep embedding MLP, each resnet's time_emb_proj) reads float inputs (docs/w4a4_gap.md)
 EMB_FP = "quant.quantize_embedding_acts=false"
 # Named variants: a method with fixed overrides (the per-step activation forms of docs/tpq.md).
@@ -52,6 +53,15 @@ VARIANTS = {
     "dilatequant_no_tpq_emb_fp": ("dilatequant_no_tpq", [EMB_FP]),
     "ptq_emb_fp": ("ptq", [EMB_FP]),
     "dilatequant_model400_own": ("dilatequant", ["distill.model_steps=400", "distill.model_trajectory=student"]),
+    # issue 25's switches: one quantizer per part of a skip concatenation; SVDQuant's float low-rank branch
+    "dilatequant_split": ("dilatequant", ["quant.split_concat=true"]),
+    "dilatequant_lowrank16": ("dilatequant", ["quant.lowrank_rank=16"]),
+    "dilatequant_split_lowrank16": ("dilatequant", ["quant.split_concat=true", "quant.lowrank_rank=16"]),
+    "svdquant_split": ("svdquant", ["quant.split_concat=true"]),
+    "dilatequant_lowrank8": ("dilatequant", ["quant.lowrank_rank=8"]),
+    "svdquant_r8": ("svdquant", ["method.rank=8"]),
+    # the branch only on the two layers that hold most of the W4A4 error (docs/w4a4_gap.md)
+    "dilatequant_lowrank16_sc": ("dilatequant", ["quant.lowrank_rank=16", "quant.lowrank_layers=[" + SHORTCUTS + "]"]),
     "dilatequant_no_tpq_model400_own": ("dilatequant_no_tpq", ["distill.model_steps=400",
                                                               "distill.model_trajectory=student"]),
 }
@@ -61,7 +71,9 @@ METHODS += list(VARIANTS)
 LEVERS = ("dilatequant_long", "dilatequant_no_tpq_long", "dilatequant_model400", "dilatequant_no_tpq_model400",
           "dilatequant_model400_own", "dilatequant_no_tpq_model400_own", "dilatequant_traj1024",
           "dilatequant_no_tpq_traj1024", "dilatequant_a8_shortcuts", "dilatequant_no_tpq_a8_shortcuts",
-          "ptq_emb_fp", "dilatequant_emb_fp", "dilatequant_no_tpq_emb_fp")
+          "ptq_emb_fp", "dilatequant_emb_fp", "dilatequant_no_tpq_emb_fp", "dilatequant_split", "dilatequant_lowrank16",
+          "dilatequant_split_lowrank16", "svdquant_split", "dilatequant_lowrank8", "svdquant_r8",
+          "dilatequant_lowrank16_sc")
 
 
 def cell_dir(runs: Path, method: str, bits: str, seed: int) -> Path:
@@ -139,7 +151,9 @@ def collect(runs: Path, ledger: Path | None = None) -> dict[tuple[str, str], lis
         merged[(method, bits, seed)] = {
             "method": method, "bits": bits, "seed": seed, **{k: row.get(k) for k in SCORES},
             "wall_seconds": r["wall_seconds"], "peak_memory_mb": r["peak_memory_mb"], "extra": extra or "defaults",
-            "command": r.get("command"), "scaling_ratios": _scaling_ratios(r.get("scaling") or [])}
+            "command": r.get("command"), "scaling_ratios": _scaling_ratios(r.get("scaling") or []),
+            "commit": (r.get("code") or {}).get("commit"), "dirty": (r.get("code") or {}).get("dirty"),
+            "cpu": machine_label(r.get("machine")), "lowrank": r.get("lowrank")}
     if ledger is not None and merged:
         ledger.write_text(json.dumps(sorted(merged.values(), key=lambda c: (c["method"], c["bits"], c["seed"])),
                                      indent=1) + "\n")
@@ -147,6 +161,17 @@ def collect(runs: Path, ledger: Path | None = None) -> dict[tuple[str, str], lis
     for (method, bits, _), c in sorted(merged.items()):
         cells.setdefault((method, bits), []).append(c)
     return cells
+
+
+def machine_label(m: dict | None) -> str | None:
+    """'AMD EPYC, 2 threads' from a results.json ``machine`` (None where the cell did not record it)."""
+    return None if not m else f"{m['model']}, {m['threads']} threads"
+
+
+def code_label(rs: list[dict]) -> str:
+    """The dq commits a row's cells ran (short hashes, * = uncommitted changes), or 'earlier' where unrecorded."""
+    seen = sorted({(c["commit"][:7] + ("*" if c.get("dirty") else "")) if c.get("commit") else "earlier" for c in rs})
+    return ", ".join(seen)
 
 
 def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
@@ -293,7 +318,8 @@ def report(runs: Path, out_md: Path, command: str) -> None:
              "against the held-out digits (digits feature network), mean ± std over seeds; wall time covers "
              "calibration, training and evaluation, and grows with whatever else shared the machine "
              "(cells run side by side: compare it only roughly); peak memory is the process's peak RSS.", "",
-             "| method | bits | seeds | FID | KID | IS | wall s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+             "| method | bits | seeds | FID | KID | IS | wall s | peak MB | code |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         for b in (["fp"] if m == "fp" else BITS):
             rs = cells.get((m, b))
@@ -302,7 +328,13 @@ def report(runs: Path, out_md: Path, command: str) -> None:
             lines.append(f"| {m} | {b.upper()} | {len(rs)} | {mean_std([r['fid'] for r in rs])} | "
                          f"{mean_std([r['kid'] for r in rs], 3)} | {mean_std([r['is'] for r in rs])} | "
                          f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} | "
-                         f"{max(r['peak_memory_mb'] for r in rs):.0f} |")
+                         f"{max(r['peak_memory_mb'] for r in rs):.0f} | {code_label(rs)} |")
+    cpus = sorted({r.get("cpu") or "not recorded" for rs in cells.values() for r in rs})
+    lines += ["", "Code: the dq commit each row's cells ran (`*`: with uncommitted changes; `earlier`: cells run "
+                  "before results.json recorded its commit — older code, kept for history, not current). "
+                  f"Machines: {'; '.join(cpus)}. The same command on the same machine and thread count gives the "
+                  "same student bit for bit (tests/test_reproducible.py); another CPU can round differently and "
+                  "give another student for a seed, which is why rows are means over seeds."]
     protocols = sorted({r["extra"] for rs in cells.values() for r in rs})
     if len(protocols) > 1:
         lines += ["", "**Cells were run with different protocols** (extra overrides): "
@@ -315,8 +347,8 @@ def report(runs: Path, out_md: Path, command: str) -> None:
                                                for k, v in VARIANTS.items() if any(m == k for m, _ in cells)) + "."]
     earlier = out_md.with_name("results_earlier.md")
     if earlier.is_file():
-        lines += ["", f"Methods and bit-widths missing above were measured with earlier code: [{earlier.name}]"
-                      f"({earlier.name}) (cells not re-run since; their raw numbers were not kept)."]
+        lines += ["", f"History only, not current: [{earlier.name}]({earlier.name}) holds numbers measured with code "
+                      "that no longer exists (raw cells not kept)."]
     png = out_md.with_name("results_fid.png")
     plot(cells, png)
     lines += ["", f"![FID vs bits per method]({png.name})"]

@@ -14,6 +14,7 @@ from dq.models.sampling import SamplerConfig, sampler_timesteps
 from dq.models.student import calibrate, prepare, weight_dilation
 from dq.quant.config import QuantConfig
 from dq.quant.int8 import available
+from dq.quant.lowrank import svd_init
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
@@ -25,14 +26,15 @@ def test_pack_unpack_round_trip(bits, n):
     assert torch.equal(unpack(p, bits, [n, 3]), q)
 
 
-def _student(model, steps=4, w_bits=4, knots=0, a8=(), emb_acts=True):
+def _student(model, steps=4, w_bits=4, knots=0, a8=(), emb_acts=True, split=False, rank=0):
     ts = tuple(sampler_timesteps(model, SamplerConfig(steps=steps)))
     qcfg = QuantConfig(w_bits=w_bits, a_bits=4, timesteps=ts, tpq_knots=knots, a8_layers=a8,
-                       quantize_embedding_acts=emb_acts)
+                       quantize_embedding_acts=emb_acts, split_concat=split, lowrank_rank=rank)
     s = prepare(copy.deepcopy(model.denoiser), qcfg)
     g = torch.Generator().manual_seed(0)
     every_step = (torch.randn(len(ts), *model.sample_shape, generator=g), torch.tensor(ts))
     weight_dilation(s, [every_step])
+    svd_init(s)  # the low-rank branches (rank > 0) from the dilated weights
     calibrate(s, [every_step], "minmax")
     batch = (torch.randn(8, *model.sample_shape, generator=g), torch.tensor(ts[:2] * 4))  # mixed steps
     meta = {"quant": json.loads(json.dumps(qcfg.__dict__, default=list)),
@@ -43,11 +45,17 @@ def _student(model, steps=4, w_bits=4, knots=0, a8=(), emb_acts=True):
 A8 = ("up_blocks.2.resnets.0.conv_shortcut", "up_blocks.2.resnets.1")
 
 
-@pytest.mark.parametrize("w_bits,knots,a8,emb_acts",
-                         [(4, 0, (), True), (8, 0, (), True), (4, 3, (), True), (4, 3, A8, True), (4, 0, (), False)])
-def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, knots, a8, emb_acts, tmp_path):
+@pytest.mark.parametrize("w_bits,knots,a8,emb_acts,split,rank",
+                         [(4, 0, (), True, False, 0), (8, 0, (), True, False, 0), (4, 3, (), True, False, 0),
+                          (4, 3, A8, True, False, 0), (4, 0, (), False, False, 0), (4, 3, (), True, True, 0),
+                          (4, 3, (), False, True, 3), (8, 0, (), True, False, 3)])
+def test_export_reloads_without_teacher_reference_bitwise_int8_close(w_bits, knots, a8, emb_acts, split, rank,
+                                                                      tmp_path):
     model = build_arch("unet2d")
-    student, meta, (x, t) = _student(model, w_bits=w_bits, knots=knots, a8=a8, emb_acts=emb_acts)
+    student, meta, (x, t) = _student(model, w_bits=w_bits, knots=knots, a8=a8, emb_acts=emb_acts, split=split,
+                                     rank=rank)
+    assert split == any(k.endswith("act_quant.parts.1.delta") for k in student.denoiser.state_dict())
+    assert (rank > 0) == any(k.endswith("lowrank_up") for k in student.denoiser.state_dict())
     out = export_student(student, meta, tmp_path / "exp")
     ref, qc = load_export(out, "reference")
     assert qc["layers"]["conv_in"]["w_bits"] == 8 and qc["timesteps"] == meta["quant"]["timesteps"]

@@ -74,14 +74,14 @@ def test_method_runs_a_tiny_job(method, cfg_factory, tmp_path):
     # distillation steps as configured: steps_per_block × blocks, method.steps for whole-model training
     if method in ("lsq_qat", "efficientdm"):
         expected_steps = WHOLE_MODEL_STEPS
-    elif getattr(m, "bkd", True) and method != "ptq":
+    elif getattr(m, "bkd", True) and method not in ("ptq", "svdquant"):
         expected_steps = cfg.distill.steps_per_block * len(student.family.blocks(teacher, "block"))
     else:
         expected_steps = 0
     assert results["train"]["steps"] == expected_steps
 
     # scaling (WD / SmoothQuant) is reported per layer group exactly when the method scales
-    scales = method == "smoothquant_bkd" or getattr(m, "weight_dilation", False)
+    scales = method in ("smoothquant_bkd", "svdquant") or getattr(m, "weight_dilation", False)
     assert bool(results["scaling"]) == scales
     if method in ("lsq_qat", "efficientdm"):
         assert any("method.steps" in n for n in results["notes"])
@@ -91,12 +91,16 @@ def test_method_runs_a_tiny_job(method, cfg_factory, tmp_path):
     differ = [name for name, layer in iter_quant_layers(student.denoiser)
               if not torch.equal(layer.weight, teacher.get_submodule(name).weight)]
     dilated = any(r["s_max"] > 1 for r in results["scaling"])
-    if expected_steps > 0 or method == "smoothquant_bkd" or dilated:
+    if expected_steps > 0 or method in ("smoothquant_bkd", "svdquant") or dilated:
         assert differ, f"{method}: no quantized layer's weights differ from the teacher's"
     else:
         assert differ == [], f"{method} changed weights it should not: {differ[:3]}"
     if method == "efficientdm":
         assert results["train"]["lora_parameters"] > 0  # merged away: the checkpoint loaded strictly
+    branched = [layer for _, layer in iter_quant_layers(student.denoiser) if layer.lowrank_rank]
+    assert results["lowrank"]["layers"] == len(branched) == (len(branched) if method == "svdquant" else 0)
+    if method == "svdquant":  # the branches were split from the SVD and came back from the checkpoint
+        assert branched and all(layer.lowrank_rank == m.rank and layer.lowrank_up.abs().sum() > 0 for layer in branched)
 
     # the saved student runs at the timesteps it was made for
     x = torch.randn(4, *student.sample_shape)

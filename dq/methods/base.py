@@ -22,6 +22,7 @@ from dq.models.load import DiffusionModel
 from dq.models.student import calibrate, prepare
 from dq.errors import DQError
 from dq.quant.config import QuantConfig, QuantSpec
+from dq.quant.lowrank import lowrank_summary, svd_init
 
 log = logging.getLogger("dq")
 
@@ -67,7 +68,7 @@ class Job:
     resume: bool = False
     notes: list[str] = field(default_factory=list)  # what was filled in by rule on the way (results.json)
 
-    def quant_config(self, shared_tables: bool, tpq_knots: int = 0) -> QuantConfig:
+    def quant_config(self, shared_tables: bool, tpq_knots: int = 0, lowrank_rank: int | None = None) -> QuantConfig:
         steps = len(self.timesteps)
         if tpq_knots > steps and not shared_tables and steps:  # the default K on a short schedule
             note = (f"method.tpq_knots={tpq_knots} > the sampler's {steps} steps: one knot per step (K={steps}), "
@@ -77,21 +78,27 @@ class Job:
                 self.notes.append(note)
             tpq_knots = steps
         try:
-            return QuantConfig.from_spec(self.quant, self.timesteps, shared_tables, tpq_knots)
+            return QuantConfig.from_spec(self.quant, self.timesteps, shared_tables, tpq_knots, lowrank_rank)
         except ValueError as e:
             raise DQError(str(e)) from None
 
-    def prepare(self, shared_tables: bool, tpq_knots: int = 0) -> tuple[torch.nn.Module, QuantConfig]:
+    def prepare(self, shared_tables: bool, tpq_knots: int = 0,
+                lowrank_rank: int | None = None) -> tuple[torch.nn.Module, QuantConfig]:
         """A fake-quantized, trainable copy of the teacher's denoiser (min–max Δ_w; activation tables not
         yet set). Every parameter requires grad; a method freezes what it does not train. ``tpq_knots``:
-        0 = per-step tables, K = the continuous knot form (dq.quant.knots)."""
-        qcfg = self.quant_config(shared_tables, tpq_knots)
+        0 = per-step tables, K = the continuous knot form (dq.quant.knots). ``lowrank_rank``: the method's
+        own low-rank rank (SVDQuant) instead of ``quant.lowrank_rank``."""
+        qcfg = self.quant_config(shared_tables, tpq_knots, lowrank_rank)
         return prepare(copy.deepcopy(self.teacher.denoiser), qcfg).requires_grad_(True), qcfg
 
     def calibrate(self, student: torch.nn.Module, method: str, pooled: bool = False) -> None:
         """Initialise the activation tables from the first ``act_init_samples`` calibration inputs
         (``pooled``: every step's row from all steps' statistics); what had to be filled in by rule
-        (steps never seen, quantizers never run) goes to ``notes``."""
+        (steps never seen, quantizers never run) goes to ``notes``. A student with low-rank branches
+        (``lowrank_rank``) first gets them from its weights' SVD — after any scaling, which every method
+        applies before calibrating — so the tables are calibrated on the branched layers."""
+        if svd_init(student):
+            log.info("low-rank branches: %s", lowrank_summary(student))
         self.notes += calibrate(student, self.batches(), method, pooled=pooled).notes()
 
     def batches(self) -> list[tuple]:

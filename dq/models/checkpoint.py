@@ -82,7 +82,8 @@ def load_student(path: str | Path) -> tuple[DiffusionModel, dict[str, Any]]:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise DQError(f"{str(path)!r} could not be read ({str(e).splitlines()[0]}); it may be truncated") from None
-    quant = {**meta["quant"], "timesteps": tuple(meta["quant"]["timesteps"]), "skip": tuple(meta["quant"]["skip"]), "a8_layers": tuple(meta["quant"].get("a8_layers", ()))}
+    quant = {**meta["quant"], "timesteps": tuple(meta["quant"]["timesteps"]), "skip": tuple(meta["quant"]["skip"]), "a8_layers": tuple(meta["quant"].get("a8_layers", ())),
+             "lowrank_layers": tuple(meta["quant"].get("lowrank_layers", ()))}
     denoiser = prepare(model_class(meta["class"]).from_config(meta["config"]), QuantConfig(**quant))
     denoiser.load_state_dict(state, strict=True)
     denoiser.eval().requires_grad_(False)

@@ -241,7 +241,8 @@ def load_export(path: str | Path, runtime: str = "auto") -> tuple[DiffusionModel
     if list(qc["quant"].get("timesteps", [])) != list(qc.get("timesteps", [])):
         raise DQError(f"{path}: quantization_config.json lists {len(qc.get('timesteps', []))} timesteps but its quant "
                       f"section {len(qc['quant'].get('timesteps', []))}; the two must be the same schedule")
-    quant = {**qc["quant"], "timesteps": tuple(qc["quant"]["timesteps"]), "skip": tuple(qc["quant"]["skip"]), "a8_layers": tuple(qc["quant"].get("a8_layers", ()))}
+    quant = {**qc["quant"], "timesteps": tuple(qc["quant"]["timesteps"]), "skip": tuple(qc["quant"]["skip"]), "a8_layers": tuple(qc["quant"].get("a8_layers", ())),
+             "lowrank_layers": tuple(qc["quant"].get("lowrank_layers", ()))}
     try:
         model = prepare(model_class(config.pop("_class_name")).from_config(config), QuantConfig(**quant))
     except (TypeError, ValueError) as e:

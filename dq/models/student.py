@@ -24,8 +24,11 @@ from dq.quant import calibration
 from dq.quant.calibration import CalibrationReport
 from dq.quant.config import QuantConfig
 from dq.quant.knots import use_knots
+from dq.quant.layers import QUANT_LAYERS, iter_quant_layers
+from dq.quant.lowrank import add_lowrank, eligible
 from dq.quant.prepare import attach_step_index, dequantize_layers, detach_step_index, quantize_layers
 from dq.quant.scaling import apply_smoothquant, apply_weight_dilation
+from dq.quant.split import split_inputs
 
 
 def layer_bits_of(model: nn.Module, family, qcfg: QuantConfig):
@@ -64,6 +67,18 @@ def prepare(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
         raise ValueError("this model is already prepared")
     quantize_layers(model, layer_bits_of(model, family, qcfg), qcfg.num_steps)
     family.quantize_attention(model, qcfg)
+    if qcfg.split_concat:
+        splits = family.concat_splits(model)
+        if not splits:
+            raise ValueError(f"quant.split_concat=true, but no layer of this {type(model).__name__} reads a skip "
+                             "concatenation; set quant.split_concat=false")
+        split_inputs(model, {n: s for n, s in splits.items()
+                             if isinstance(m := model.get_submodule(n), QUANT_LAYERS) and m.act_quant is not None})
+    branched = add_lowrank(model, qcfg.lowrank_rank, qcfg.lowrank_layers)
+    for p in qcfg.lowrank_layers if qcfg.lowrank_rank else ():
+        if not any(n == p or n.startswith(p + ".") for n in branched):
+            fits = [n for n, m in iter_quant_layers(model) if eligible(m, qcfg.lowrank_rank)]
+            raise name_error("quant.lowrank_layers entry", p, f"layer a rank-{qcfg.lowrank_rank} branch fits", fits)
     attach_step_index(model, qcfg.timesteps, not qcfg.shared_tables, family.timestep_of)
     if qcfg.tpq_knots:
         use_knots(model, qcfg.tpq_knots)

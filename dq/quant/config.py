@@ -9,6 +9,13 @@ from dq.quant.fake_quant import check_bits
 BITS = "the integers 2..8"
 
 
+def check_rank(rank: object, what: str) -> int:
+    """A low-rank branch's rank: a non-negative int (0 = no branch)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"{what}={rank!r} must be a non-negative integer (0: no low-rank branch)")
+    return rank
+
+
 @dataclass
 class QuantSpec:
     """The ``quant`` config group (conf/quant/*.yaml). Validated on construction.
@@ -27,6 +34,11 @@ class QuantSpec:
         skip: qualified module-name prefixes left in float, e.g. ["mid_block"].
         a8_layers: qualified module-name prefixes whose input activations use 8 bits (weights keep
             w_bits), e.g. ["up_blocks.2.resnets.0.conv_shortcut"] (docs/w4a4_gap.md).
+        split_concat: layers that read a skip concatenation (the model family names them: a UNet's up-path
+            resnets) get one activation quantizer per part of it, each with its own per-step tables.
+        lowrank_rank: SVDQuant's float low-rank branch of this rank on every quantized layer it fits
+            (dq.quant.lowrank); 0 = none. Trained with the weights where a method trains them.
+        lowrank_layers: qualified module-name prefixes that get the branch; empty = every layer it fits.
     """
 
     name: str = "w4a4"
@@ -39,9 +51,13 @@ class QuantSpec:
     quantize_embedding_acts: bool = True
     skip: List[str] = field(default_factory=list)
     a8_layers: List[str] = field(default_factory=list)
+    split_concat: bool = False
+    lowrank_rank: int = 0
+    lowrank_layers: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "quant.w_bits")
+        check_rank(self.lowrank_rank, "quant.lowrank_rank")
         for name in ("a_bits", "prob_bits", "first_last_bits"):
             v = getattr(self, name)
             if v is not None:
@@ -58,7 +74,8 @@ class QuantConfig:
 
     Attributes:
         w_bits, a_bits, prob_bits, first_last_bits, quantize_attention, quantize_time_embedding,
-        quantize_embedding_acts, skip, a8_layers: as in :class:`QuantSpec`.
+        quantize_embedding_acts, skip, a8_layers, split_concat, lowrank_rank, lowrank_layers: as in
+        :class:`QuantSpec`.
         timesteps: raw timesteps of the sampler schedule, one table row each (T = len); unique.
         shared_tables: one table shared by all steps (T = 1); ``timesteps`` may then be empty, and
             calls are not checked against them.
@@ -78,9 +95,13 @@ class QuantConfig:
     quantize_embedding_acts: bool = True
     tpq_knots: int = 0
     a8_layers: tuple[str, ...] = ()
+    split_concat: bool = False
+    lowrank_rank: int = 0
+    lowrank_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
+        check_rank(self.lowrank_rank, "lowrank_rank")
         for name in ("a_bits", "prob_bits", "first_last_bits"):
             v = getattr(self, name)
             if v is not None:
@@ -99,13 +120,18 @@ class QuantConfig:
         object.__setattr__(self, "timesteps", ts)
         object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
         object.__setattr__(self, "a8_layers", tuple(str(s) for s in self.a8_layers))
+        object.__setattr__(self, "lowrank_layers", tuple(str(s) for s in self.lowrank_layers))
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, timesteps: tuple[int, ...] | list[int], shared_tables: bool,
-                  tpq_knots: int = 0) -> "QuantConfig":
+                  tpq_knots: int = 0, lowrank_rank: int | None = None) -> "QuantConfig":
+        """``lowrank_rank``: a method's own rank (SVDQuant's), instead of the spec's."""
         fields = {k: v for k, v in asdict(spec).items() if k != "name"}
-        return cls(**{**fields, "skip": tuple(spec.skip), "a8_layers": tuple(spec.a8_layers)}, timesteps=tuple(timesteps), shared_tables=shared_tables,
-                   tpq_knots=tpq_knots)
+        if lowrank_rank is not None:
+            fields["lowrank_rank"] = lowrank_rank
+        return cls(**{**fields, "skip": tuple(spec.skip), "a8_layers": tuple(spec.a8_layers),
+                      "lowrank_layers": tuple(spec.lowrank_layers)},
+                   timesteps=tuple(timesteps), shared_tables=shared_tables, tpq_knots=tpq_knots)
 
     @property
     def num_steps(self) -> int:

@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from dq.quant.act_quantizer import TemporalActQuantizer
 from dq.quant.fake_quant import DELTA_MIN, qmax_of
 from dq.quant.layers import QuantConv2d, QuantLinear
+from dq.quant.split import SplitActQuantizer
 
 
 def available() -> bool:
@@ -104,28 +106,32 @@ def split_int8(w_int: Tensor) -> tuple[Tensor, Tensor | None]:
 
 
 class _Int8Base(nn.Module):
-    """Shared: the integer weight, its scales and the source layer's activation quantizer (its TPQ rows)."""
+    """Shared: the integer weight, its scales and the source layer's activation quantizer (its TPQ rows).
+    ``act``, ``cols``, ``bias``: one part of a split layer (its quantizer, its input channels, whether it adds
+    the bias); by default the whole layer."""
 
-    def __init__(self, layer: QuantConv2d | QuantLinear) -> None:
+    def __init__(self, layer: QuantConv2d | QuantLinear, act: TemporalActQuantizer | None = None,
+                 cols: slice = slice(None), bias: bool = True) -> None:
         super().__init__()
         wq = layer.weight_quant
         qmax = qmax_of(wq.bits)
         delta = wq.delta.detach().clamp_min(DELTA_MIN).float()
         z = torch.round(wq.zero_point.detach()).clamp(0, qmax)
         shape = [-1] + [1] * (layer.weight.dim() - 1)
-        w = layer.weight.detach().float()
+        w = layer.weight.detach()[:, cols].float()
         w8, offset = split_int8(torch.clamp(torch.round(w * delta.view(shape).reciprocal()) + z.view(shape), 0, qmax)
                                 - z.view(shape))
+        scale = layer.input_scale.detach()[cols].float()
         # buffers, not saved (an int8 model is built from its source), moved with the module
         buffers = {"w8": w8, "offset": offset, "w_scale": delta, "_wzp": torch.zeros(w8.shape[0], dtype=torch.long),
-                   "bias": None if layer.bias is None else layer.bias.detach().float(),
+                   "bias": None if layer.bias is None or not bias else layer.bias.detach().float(),
                    # Weight Dilation's 1/s where it could not be folded into a producer: applied to x, as the layer does
-                   "input_scale": None if bool((layer.input_scale == 1).all()) else layer.input_scale.detach().float(),
+                   "input_scale": None if bool((scale == 1).all()) else scale,
                    "_row0": torch.zeros(1, dtype=torch.long)}  # shared tables: the one row
         for k, v in buffers.items():
             self.register_buffer(k, v, persistent=False)
         self._axis = layer._channel_axis
-        self.act = layer.act_quant                     # TemporalActQuantizer: tables + step index
+        self.act = layer.act_quant if act is None else act  # TemporalActQuantizer: tables + step index
         # what the kernel writes: float32, or bfloat16 (dq.quant.compiled, where the CPU computes in it)
         self.out_dtype = torch.float32
 
@@ -161,12 +167,13 @@ class _Int8Base(nn.Module):
 class Int8Conv2d(_Int8Base):
     """QuantConv2d run as u8 × s8 oneDNN convolution."""
 
-    def __init__(self, layer: QuantConv2d) -> None:
+    def __init__(self, layer: QuantConv2d, act: TemporalActQuantizer | None = None, cols: slice = slice(None),
+                 bias: bool = True) -> None:
         if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
             raise ValueError("int8 convolution needs groups=1, integer zero padding")
         self.stride, self.padding = list(layer.stride), list(layer.padding)
         self.dilation = list(layer.dilation)
-        super().__init__(layer)
+        super().__init__(layer, act, cols, bias)
         self.register_buffer("_ones", torch.ones(1, 1, *self.w8.shape[2:]), persistent=False)
         _packed(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
 
@@ -184,8 +191,9 @@ class Int8Conv2d(_Int8Base):
 class Int8Linear(_Int8Base):
     """QuantLinear run as u8 × s8 oneDNN matmul; input [..., C_in]."""
 
-    def __init__(self, layer: QuantLinear) -> None:
-        super().__init__(layer)
+    def __init__(self, layer: QuantLinear, act: TemporalActQuantizer | None = None, cols: slice = slice(None),
+                 bias: bool = True) -> None:
+        super().__init__(layer, act, cols, bias)
         _packed(self.w8, self.w_scale, None)  # at load, not at first call
 
     def _run(self, x: Tensor, dx: Tensor, inv: Tensor, zp: Tensor) -> Tensor:
@@ -203,8 +211,60 @@ def _frozen_float(layer: QuantConv2d | QuantLinear) -> nn.Module:
     with torch.no_grad():
         shape = [1] * layer.weight.ndim
         shape[1] = -1
-        m.weight.copy_(layer.weight_quant(layer.weight) * layer.input_scale.view(shape))
+        w = layer.weight_quant(layer.weight)
+        if layer.lowrank_rank:  # the float branch reads the same float input: one dense weight
+            w = w + layer.lowrank_weight()
+        m.weight.copy_(w * layer.input_scale.view(shape))
     return m.requires_grad_(False)
+
+
+class Int8Layer(nn.Module):
+    """A quantized layer's integer kernels: one per part of a split input (summed; the first adds the bias),
+    plus SVDQuant's low-rank branch in float on the scaled input (in the kernels' output dtype)."""
+
+    def __init__(self, layer: QuantConv2d | QuantLinear) -> None:
+        super().__init__()
+        cls = Int8Conv2d if isinstance(layer, QuantConv2d) else Int8Linear
+        act = layer.act_quant
+        if isinstance(act, SplitActQuantizer):
+            bounds = [0, *torch.tensor(act.sizes).cumsum(0).tolist()]
+            self.kernels = nn.ModuleList(cls(layer, q, slice(a, b), bias=i == 0)
+                                         for i, (q, a, b) in enumerate(zip(act.parts, bounds, bounds[1:])))
+            self.sizes: tuple[int, ...] | None = act.sizes
+        else:
+            self.kernels = nn.ModuleList([cls(layer)])
+            self.sizes = None
+        self._axis = layer._channel_axis
+        self.lowrank = bool(layer.lowrank_rank)
+        self._conv = ((list(layer.stride), list(layer.padding), list(layer.dilation))
+                      if isinstance(layer, QuantConv2d) else None)
+        for k, v in {"down": layer.lowrank_down if self.lowrank else None,
+                     "up": layer.lowrank_up if self.lowrank else None, "scale": layer.input_scale}.items():
+            self.register_buffer(k, None if v is None else v.detach().float(), persistent=False)
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.kernels[0].out_dtype
+
+    def _branch(self, x: Tensor) -> Tensor:
+        """B·(A·(x · input_scale)) in the kernels' output dtype."""
+        shape = [1] * x.dim()
+        shape[self._axis] = -1
+        x = (x * self.scale.view(shape)).to(self.out_dtype)
+        down, up = self.down.to(self.out_dtype), self.up.to(self.out_dtype)
+        if self._conv is not None:
+            return F.conv2d(F.conv2d(x, down, None, *self._conv), up[:, :, None, None])
+        return F.linear(F.linear(x, down), up)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.sizes is None:
+            y = self.kernels[0](x)
+        else:
+            parts = x.split(self.sizes, self._axis)
+            y = self.kernels[0](parts[0])
+            for k, p in zip(self.kernels[1:], parts[1:]):
+                y = y + k(p)
+        return y + self._branch(x).to(y.dtype) if self.lowrank else y
 
 
 def to_int8(model: nn.Module) -> list[str]:
@@ -219,7 +279,8 @@ def to_int8(model: nn.Module) -> list[str]:
             if child.act_quant is None:
                 setattr(parent, child_name, _frozen_float(child))
                 continue
-            cls = Int8Conv2d if isinstance(child, QuantConv2d) else Int8Linear
-            setattr(parent, child_name, cls(child))
+            plain = not child.lowrank_rank and not isinstance(child.act_quant, SplitActQuantizer)
+            setattr(parent, child_name, (Int8Conv2d if isinstance(child, QuantConv2d) else Int8Linear)(child)
+                    if plain else Int8Layer(child))
             swapped.append(f"{parent_name}.{child_name}" if parent_name else child_name)
     return swapped

@@ -1,4 +1,4 @@
-"""Fake-quantized Conv2d / Linear: y = layer( Q_a(x · input_scale), Q_w(W) ).
+"""Fake-quantized Conv2d / Linear: y = layer( Q_a(x · input_scale), Q_w(W) ) [ + B·A·(x · input_scale) ].
 
 Subclasses of nn.Conv2d / nn.Linear, so ``weight`` and ``bias`` keep their state_dict names and
 ``isinstance(m, nn.Linear)`` still holds for code that inspects the model (e.g. diffusers).
@@ -7,6 +7,10 @@ Subclasses of nn.Conv2d / nn.Linear, so ``weight`` and ``bias`` keep their state
 - ``act_quant``: TemporalActQuantizer of the INPUT, or None (input left in float).
 - ``input_scale``: buffer [C_in] (ones) multiplying the input per channel before ``act_quant``.
   Weight Dilation carries its 1/s here when it cannot fold it into the producer of the input.
+- ``lowrank_down`` A / ``lowrank_up`` B (only when ``lowrank_rank`` > 0): SVDQuant's float low-rank branch,
+  reading the unquantized scaled input; ``weight`` is then the residual W − B·A that is quantized
+  (dq.quant.lowrank sets it from the SVD). A conv's A is a conv like the layer's ([r, C_in, kh, kw]) and
+  B a 1×1 conv ([C_out, r]).
 """
 
 from __future__ import annotations
@@ -40,6 +44,25 @@ class _QuantInput:
         self.register_buffer("input_scale", torch.ones(in_channels, device=device, dtype=dtype))
         self._scale_key: tuple[int, int] | None = None
         self._scale_is_one = True
+        self.lowrank_rank = 0
+
+    def set_lowrank(self, rank: int) -> None:
+        """Give the layer a float low-rank branch of ``rank`` (zero: the layer's function is unchanged)."""
+        w = self.weight
+        if not isinstance(rank, int) or not 0 < rank < min(w.shape[0], w[0].numel()):
+            raise ValueError(f"low-rank rank={rank!r} must be an int in 1..{min(w.shape[0], w[0].numel()) - 1} "
+                             f"for a weight of shape {list(w.shape)}")
+        if getattr(self, "padding_mode", "zeros") != "zeros":
+            raise ValueError(f"a low-rank branch needs zero padding, not padding_mode={self.padding_mode!r}")
+        self.lowrank_down = nn.Parameter(w.new_zeros(rank, *w.shape[1:]), requires_grad=w.requires_grad)
+        self.lowrank_up = nn.Parameter(w.new_zeros(w.shape[0], rank), requires_grad=w.requires_grad)
+        self.lowrank_rank = rank
+
+    def lowrank_weight(self) -> Tensor | None:
+        """B·A shaped like ``weight`` (the branch as one dense weight), or None without a branch."""
+        if not self.lowrank_rank:
+            return None
+        return (self.lowrank_up @ self.lowrank_down.flatten(1)).view_as(self.weight)
 
     def _materialize(self, device: torch.device) -> None:
         """Give the quantizers created on the meta device real (default-valued) storage."""
@@ -58,20 +81,21 @@ class _QuantInput:
             self._scale_key = key
         return self._scale_is_one
 
-    def _quant_input(self, x: Tensor) -> Tensor:
+    def _scaled_input(self, x: Tensor) -> Tensor:
         if not self._input_scale_is_one():
             shape = [1] * x.ndim
             shape[self._channel_axis] = -1
             x = x * self.input_scale.view(shape)
-        if self.act_quant is not None:
-            x = self.act_quant(x)
         return x
 
     def _folded_weight(self) -> Tensor:
-        """W · input_scale per input channel (dim 1): the float weight of the same function."""
+        """(W [+ B·A]) · input_scale per input channel (dim 1): the float weight of the same function."""
         shape = [1] * self.weight.ndim
         shape[1] = -1
-        return self.weight.detach() * self.input_scale.view(shape)
+        w = self.weight.detach()
+        if self.lowrank_rank:
+            w = w + self.lowrank_weight().detach()
+        return w * self.input_scale.view(shape)
 
 
 class QuantConv2d(_QuantInput, nn.Conv2d):
@@ -123,7 +147,13 @@ class QuantConv2d(_QuantInput, nn.Conv2d):
         return m.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self._quant_input(x), self.weight_quant(self.weight), self.bias)
+        x = self._scaled_input(x)
+        y = self._conv_forward(x if self.act_quant is None else self.act_quant(x), self.weight_quant(self.weight),
+                               self.bias)
+        if self.lowrank_rank:
+            a = F.conv2d(x, self.lowrank_down, None, self.stride, self.padding, self.dilation)
+            y = y + F.conv2d(a, self.lowrank_up[:, :, None, None])
+        return y
 
 
 class QuantLinear(_QuantInput, nn.Linear):
@@ -166,7 +196,11 @@ class QuantLinear(_QuantInput, nn.Linear):
         return m.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self._quant_input(x), self.weight_quant(self.weight), self.bias)
+        x = self._scaled_input(x)
+        y = F.linear(x if self.act_quant is None else self.act_quant(x), self.weight_quant(self.weight), self.bias)
+        if self.lowrank_rank:
+            y = y + F.linear(F.linear(x, self.lowrank_down), self.lowrank_up)
+        return y
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)

@@ -39,6 +39,9 @@ def _apply(model: nn.Module, groups: Sequence[DilationGroup], scales: ScaleFn, c
     report = []
     for g in groups:
         mods = [model.get_submodule(n) for n in g.layers]
+        if any(m.lowrank_rank and bool(m.lowrank_up.any()) for m in mods):
+            raise ValueError(f"{g.layers[0]} already has a low-rank branch; scale (WD / SmoothQuant) before "
+                             "dq.quant.lowrank.svd_init, which splits the scaled weight")
         s, stats = scales(g, [m.weight for m in mods])
         apply_dilation(mods, s, clamp_to_bounds=clamp_to_bounds)
         folded = None

@@ -39,6 +39,7 @@ from dq.models.load import DiffusionModel
 from dq.models.sampling import sampler_timesteps
 from dq import allocator
 from dq.phases import Phases
+from dq.quant.lowrank import lowrank_summary
 from dq.tasks.common import (command_line, finish_logger, load_teacher, make_logger, protocol, run_dir,
                              trainer_kwargs, wandb_group, write_results)
 
@@ -117,6 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "seed": int(cfg.seed), "bits": "FP" if student.model is None else job.quant.label,
             "train": student.train, "scaling": student.scaling, "notes": job.notes + student.notes,
             "wandb_group": wandb_group(cfg) if cfg.logger.kind == "wandb" else None,
+            "lowrank": None if student.model is None else lowrank_summary(student.model),
         }
         for note in student.notes:  # job.notes were logged as warnings where they arose
             log.info(note)

@@ -88,6 +88,11 @@ class ModelFamily:
         """Install the attention processors that quantize q, k, v and the probabilities (in place)."""
         raise NotImplementedError
 
+    def concat_splits(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Layers that read a concatenation of separately produced tensors → channels per part, in order
+        (``quant.split_concat``). None in a family without such layers."""
+        return {}
+
     def dilation_groups(self, model: nn.Module) -> list[DilationGroup]:
         """Quantized layers grouped by the input they read, with the producer that can absorb 1/s."""
         raise NotImplementedError

@@ -24,7 +24,7 @@ from dq.models.attention import install_quant_attention
 from dq.models.blocks import Block, check_granularity, whole_model
 from dq.models.families import register
 from dq.models.families.base import Conditioning, ModelFamily
-from dq.models.families.unet_blocks import UNetState, block_units, module_units
+from dq.models.families.unet_blocks import UNetState, block_units, concat_splits, module_units
 from dq.quant.config import QuantConfig
 from dq.quant.scaling import DilationGroup
 
@@ -140,6 +140,9 @@ class UNetFamily(ModelFamily):
         for name, attn in model.named_modules():
             if isinstance(attn, Attention) and not _skipped(name, qcfg.skip):
                 install_quant_attention(name, attn, qcfg.a_bits, qcfg.prob_bits, qcfg.num_steps)
+
+    def concat_splits(self, model) -> dict[str, tuple[int, int]]:
+        return concat_splits(model)
 
     def dilation_groups(self, model) -> list[DilationGroup]:
         """Self-attention to_q/k/v share the hidden states (producer: Attention.group_norm, or norm1/norm2

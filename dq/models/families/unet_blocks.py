@@ -115,3 +115,30 @@ def module_units(unet: nn.Module) -> list[Block]:
                 units.append(attention(f"up.{i}.attentions.{j}", attns[j], push=False))
         units += [resample(f"up.{i}.upsamplers.{j}", up, u, False) for j, u in enumerate(up.upsamplers or [])]
     return units
+
+
+def concat_splits(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Each up-path resnet reads cat([hidden states, skip]) (diffusers' up blocks concatenate in that
+    order): its conv1 (after norm + SiLU, same channel layout) and conv_shortcut (the raw concatenation)
+    → (hidden channels, skip channels). The skips are what the down path pushed (conv_in, each down
+    resnet, each downsampler), consumed last-in first-out as the UNet's forward does."""
+    skips = [model.conv_in.out_channels]
+    for block in model.down_blocks:
+        skips += [r.out_channels for r in block.resnets]
+        skips += [d.out_channels for d in (block.downsamplers or [])]
+    out: dict[str, tuple[int, int]] = {}
+    for i, block in enumerate(model.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            if not skips:
+                raise ValueError(f"up_blocks.{i}.resnets.{j} has no skip left to read; this UNet's layout is not understood")
+            c_skip = skips.pop()
+            c_hidden = resnet.in_channels - c_skip
+            if c_hidden < 1:
+                raise ValueError(f"up_blocks.{i}.resnets.{j} reads {resnet.in_channels} channels, fewer than its "
+                                 f"{c_skip}-channel skip; this UNet's layout is not understood")
+            for layer in ("conv1", "conv_shortcut"):
+                if getattr(resnet, layer, None) is not None:
+                    out[f"up_blocks.{i}.resnets.{j}.{layer}"] = (c_hidden, c_skip)
+    if skips:
+        raise ValueError(f"{len(skips)} skip connections are not read by any up block; this UNet's layout is not understood")
+    return out
