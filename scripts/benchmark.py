@@ -62,6 +62,7 @@ VARIANTS = {
     "svdquant_r8": ("svdquant", ["method.rank=8"]),
     # the branch only on the two layers that hold most of the W4A4 error (docs/w4a4_gap.md)
     "dilatequant_lowrank16_sc": ("dilatequant", ["quant.lowrank_rank=16", "quant.lowrank_layers=[" + SHORTCUTS + "]"]),
+    "dilatequant_lowrank16_skip": ("dilatequant", ["quant.lowrank_rank=16", "quant.lowrank_scope=skip_shortcuts"]),
     "dilatequant_no_tpq_model400_own": ("dilatequant_no_tpq", ["distill.model_steps=400",
                                                               "distill.model_trajectory=student"]),
 }
@@ -73,7 +74,7 @@ LEVERS = ("dilatequant_long", "dilatequant_no_tpq_long", "dilatequant_model400",
           "dilatequant_no_tpq_traj1024", "dilatequant_a8_shortcuts", "dilatequant_no_tpq_a8_shortcuts",
           "ptq_emb_fp", "dilatequant_emb_fp", "dilatequant_no_tpq_emb_fp", "dilatequant_split", "dilatequant_lowrank16",
           "dilatequant_split_lowrank16", "svdquant_split", "dilatequant_lowrank8", "svdquant_r8",
-          "dilatequant_lowrank16_sc")
+          "dilatequant_lowrank16_sc", "dilatequant_lowrank16_skip")
 
 
 def cell_dir(runs: Path, method: str, bits: str, seed: int) -> Path:
@@ -166,6 +167,14 @@ def collect(runs: Path, ledger: Path | None = None) -> dict[tuple[str, str], lis
 def machine_label(m: dict | None) -> str | None:
     """'AMD EPYC, 2 threads' from a results.json ``machine`` (None where the cell did not record it)."""
     return None if not m else f"{m['model']}, {m['threads']} threads"
+
+
+def branch_label(lowrank: dict | None) -> str:
+    """'r16 · 62 layers · 33 % MACs' for a student with SVDQuant low-rank branches, '–' without."""
+    if not lowrank or not lowrank.get("layers"):
+        return "–"
+    return (f"r{lowrank['rank']} · {lowrank['layers']} layers · {100 * lowrank['branch_macs_share']:.1f} % MACs · "
+            f"{lowrank['branch_params'] / 1e3:.0f}k params")
 
 
 def code_label(rs: list[dict]) -> str:
@@ -317,9 +326,12 @@ def report(runs: Path, out_md: Path, command: str) -> None:
              "Each cell: `python train.py method=M quant=B seed=S`; FID/KID/IS of the student's samples "
              "against the held-out digits (digits feature network), mean ± std over seeds; wall time covers "
              "calibration, training and evaluation, and grows with whatever else shared the machine "
-             "(cells run side by side: compare it only roughly); peak memory is the process's peak RSS.", "",
-             "| method | bits | seeds | FID | KID | IS | wall s | peak MB | code |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(cells run side by side: compare it only roughly); peak memory is the process's peak RSS. "
+             "'float branch': SVDQuant's low-rank branch where the student has one — its rank, the layers that "
+             "carry it, its multiply-accumulates over those layers' own (per output position) and its float "
+             "parameters (the quantized weights of the digits UNet: 1.1M).", "",
+             "| method | bits | seeds | FID | KID | IS | float branch | wall s | peak MB | code |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         for b in (["fp"] if m == "fp" else BITS):
             rs = cells.get((m, b))
@@ -327,7 +339,7 @@ def report(runs: Path, out_md: Path, command: str) -> None:
                 continue
             lines.append(f"| {m} | {b.upper()} | {len(rs)} | {mean_std([r['fid'] for r in rs])} | "
                          f"{mean_std([r['kid'] for r in rs], 3)} | {mean_std([r['is'] for r in rs])} | "
-                         f"{statistics.mean(r['wall_seconds'] for r in rs):.0f} | "
+                         f"{branch_label(rs[0].get('lowrank'))} | {statistics.mean(r['wall_seconds'] for r in rs):.0f} | "
                          f"{max(r['peak_memory_mb'] for r in rs):.0f} | {code_label(rs)} |")
     cpus = sorted({r.get("cpu") or "not recorded" for rs in cells.values() for r in rs})
     lines += ["", "Code: the dq commit each row's cells ran (`*`: with uncommitted changes; `earlier`: cells run "

@@ -167,3 +167,16 @@ def test_lowrank_layers_pick_where_the_branch_goes_and_a_bad_name_is_one_line():
     with pytest.raises(DQError, match="quant.lowrank_layers entry 'up_blocks.1.resnet' names no layer a rank-3 branch fits"):
         prepare(copy.deepcopy(model.denoiser), QuantConfig(timesteps=TS, lowrank_rank=3,
                                                            lowrank_layers=("up_blocks.1.resnet",)))
+
+
+def test_skip_shortcut_scope_branches_the_up_path_shortcuts_only():
+    model = build_arch("unet2d")
+    s = prepare(copy.deepcopy(model.denoiser), QuantConfig(timesteps=TS, lowrank_rank=3, lowrank_scope="skip_shortcuts"))
+    got = [n for n, m in iter_quant_layers(s) if m.lowrank_rank]
+    assert got and all(n.startswith("up_blocks.") and n.endswith(".conv_shortcut") for n in got)
+    assert set(got) == {n for n, _ in iter_quant_layers(s) if n.startswith("up_blocks.") and n.endswith("conv_shortcut")}
+    with pytest.raises(ValueError, match="lowrank_scope=skip_shortcuts, but no layer .* raw skip concatenation"):
+        prepare(copy.deepcopy(build_arch("dit_tiny").denoiser),
+                QuantConfig(timesteps=TS, lowrank_rank=3, lowrank_scope="skip_shortcuts"))
+    with pytest.raises(ValueError, match="lowrank_scope='some' is not valid; valid choices: all, skip_shortcuts"):
+        QuantSpec(lowrank_scope="some")

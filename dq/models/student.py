@@ -74,10 +74,17 @@ def prepare(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
                              "concatenation; set quant.split_concat=false")
         split_inputs(model, {n: s for n, s in splits.items()
                              if isinstance(m := model.get_submodule(n), QUANT_LAYERS) and m.act_quant is not None})
-    branched = add_lowrank(model, qcfg.lowrank_rank, qcfg.lowrank_layers)
+    names = None
+    if qcfg.lowrank_rank and qcfg.lowrank_scope == "skip_shortcuts":
+        names = frozenset(family.skip_shortcuts(model))
+        if not names:
+            raise ValueError(f"quant.lowrank_scope=skip_shortcuts, but no layer of this {type(model).__name__} reads a "
+                             "raw skip concatenation; use quant.lowrank_scope=all")
+    branched = add_lowrank(model, qcfg.lowrank_rank, qcfg.lowrank_layers, names)
     for p in qcfg.lowrank_layers if qcfg.lowrank_rank else ():
         if not any(n == p or n.startswith(p + ".") for n in branched):
-            fits = [n for n, m in iter_quant_layers(model) if eligible(m, qcfg.lowrank_rank)]
+            fits = [n for n, m in iter_quant_layers(model) if eligible(m, qcfg.lowrank_rank)
+                    and (names is None or n in names)]
             raise name_error("quant.lowrank_layers entry", p, f"layer a rank-{qcfg.lowrank_rank} branch fits", fits)
     attach_step_index(model, qcfg.timesteps, not qcfg.shared_tables, family.timestep_of)
     if qcfg.tpq_knots:

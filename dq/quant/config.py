@@ -9,6 +9,15 @@ from dq.quant.fake_quant import check_bits
 BITS = "the integers 2..8"
 
 
+LOWRANK_SCOPES = ("all", "skip_shortcuts")
+
+
+def check_scope(scope: object, what: str) -> str:
+    if scope not in LOWRANK_SCOPES:
+        raise ValueError(f"{what}={scope!r} is not valid; valid choices: {', '.join(LOWRANK_SCOPES)}")
+    return scope
+
+
 def check_rank(rank: object, what: str) -> int:
     """A low-rank branch's rank: a non-negative int (0 = no branch)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
@@ -38,7 +47,11 @@ class QuantSpec:
             resnets) get one activation quantizer per part of it, each with its own per-step tables.
         lowrank_rank: SVDQuant's float low-rank branch of this rank on every quantized layer it fits
             (dq.quant.lowrank); 0 = none. Trained with the weights where a method trains them.
-        lowrank_layers: qualified module-name prefixes that get the branch; empty = every layer it fits.
+        lowrank_scope: which layers get the branch: ``all`` (every layer it fits) or ``skip_shortcuts``
+            (the layers the model family names as reading a raw skip concatenation: a UNet's up-path 1×1
+            shortcuts, where the W4A4 error sits, docs/w4a4_gap.md).
+        lowrank_layers: qualified module-name prefixes that further restrict the branch's layers; empty = no
+            restriction.
     """
 
     name: str = "w4a4"
@@ -53,11 +66,13 @@ class QuantSpec:
     a8_layers: List[str] = field(default_factory=list)
     split_concat: bool = False
     lowrank_rank: int = 0
+    lowrank_scope: str = field(default="all", metadata={"choices": LOWRANK_SCOPES})
     lowrank_layers: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "quant.w_bits")
         check_rank(self.lowrank_rank, "quant.lowrank_rank")
+        check_scope(self.lowrank_scope, "quant.lowrank_scope")
         for name in ("a_bits", "prob_bits", "first_last_bits"):
             v = getattr(self, name)
             if v is not None:
@@ -74,8 +89,8 @@ class QuantConfig:
 
     Attributes:
         w_bits, a_bits, prob_bits, first_last_bits, quantize_attention, quantize_time_embedding,
-        quantize_embedding_acts, skip, a8_layers, split_concat, lowrank_rank, lowrank_layers: as in
-        :class:`QuantSpec`.
+        quantize_embedding_acts, skip, a8_layers, split_concat, lowrank_rank, lowrank_scope, lowrank_layers:
+        as in :class:`QuantSpec`.
         timesteps: raw timesteps of the sampler schedule, one table row each (T = len); unique.
         shared_tables: one table shared by all steps (T = 1); ``timesteps`` may then be empty, and
             calls are not checked against them.
@@ -98,10 +113,12 @@ class QuantConfig:
     split_concat: bool = False
     lowrank_rank: int = 0
     lowrank_layers: tuple[str, ...] = ()
+    lowrank_scope: str = "all"
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
         check_rank(self.lowrank_rank, "lowrank_rank")
+        check_scope(self.lowrank_scope, "lowrank_scope")
         for name in ("a_bits", "prob_bits", "first_last_bits"):
             v = getattr(self, name)
             if v is not None:

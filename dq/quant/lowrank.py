@@ -28,15 +28,17 @@ def eligible(layer: QuantConv2d | QuantLinear, rank: int) -> bool:
     return layer.act_quant is not None and rank < min(w.shape[0], w[0].numel())
 
 
-def add_lowrank(model: nn.Module, rank: int, prefixes: tuple[str, ...] = ()) -> list[str]:
-    """Zero low-rank branches of ``rank`` on every eligible quantized layer (in place), or on those under
-    ``prefixes`` (qualified module-name prefixes); their names."""
+def add_lowrank(model: nn.Module, rank: int, prefixes: tuple[str, ...] = (),
+                among: frozenset[str] | None = None) -> list[str]:
+    """Zero low-rank branches of ``rank`` on every eligible quantized layer (in place), or on those
+    ``among`` the given names and under ``prefixes`` (qualified module-name prefixes); their names."""
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"lowrank_rank={rank!r} must be a non-negative int (0: no branch)")
     names = []
     if rank:
         for name, layer in iter_quant_layers(model):
-            chosen = not prefixes or any(name == p or name.startswith(p + ".") for p in prefixes)
+            chosen = ((among is None or name in among)
+                      and (not prefixes or any(name == p or name.startswith(p + ".") for p in prefixes)))
             if chosen and eligible(layer, rank):
                 layer.set_lowrank(rank)
                 names.append(name)

@@ -93,6 +93,11 @@ class ModelFamily:
         (``quant.split_concat``). None in a family without such layers."""
         return {}
 
+    def skip_shortcuts(self, model: nn.Module) -> list[str]:
+        """Layers that read a raw skip concatenation (no normalization before them): where 4-bit
+        activations cost most in a UNet (docs/w4a4_gap.md); ``quant.lowrank_scope=skip_shortcuts``."""
+        return []
+
     def dilation_groups(self, model: nn.Module) -> list[DilationGroup]:
         """Quantized layers grouped by the input they read, with the producer that can absorb 1/s."""
         raise NotImplementedError

@@ -144,6 +144,9 @@ class UNetFamily(ModelFamily):
     def concat_splits(self, model) -> dict[str, tuple[int, int]]:
         return concat_splits(model)
 
+    def skip_shortcuts(self, model) -> list[str]:
+        return [n for n in concat_splits(model) if n.endswith(".conv_shortcut")]
+
     def dilation_groups(self, model) -> list[DilationGroup]:
         """Self-attention to_q/k/v share the hidden states (producer: Attention.group_norm, or norm1/norm2
         of a plain BasicTransformerBlock); in cross-attention to_k/to_v share encoder_hidden_states;
