@@ -43,17 +43,19 @@ from dq.quant.lowrank import svd_init
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("digits:250", "digits:1", "ddpm_cifar10:16", "ddpm_cifar10:1", "dit_xl2:2")
 PEERS = ("FP bf16 + compile", "PT2E W8A8 + compile")  # the rows a user would pick instead of dq
-# setting → (w_bits, a_bits, low-rank rank, split concatenations); the last two only where the model has them
-BITS = {"W4A4": (4, 4, 0, False), "W4A8": (4, 8, 0, False), "W8A8": (8, 8, 0, False),
-        "W4A4 split": (4, 4, 0, True), "W4A4 low-rank 16": (4, 4, 16, False)}
+# setting → its QuantConfig fields; split and shortcut-branch settings only where the model has skip concatenations
+BITS = {"W4A4": {"w_bits": 4, "a_bits": 4}, "W4A8": {"w_bits": 4, "a_bits": 8}, "W8A8": {"w_bits": 8, "a_bits": 8},
+        "W4A4 split": {"w_bits": 4, "a_bits": 4, "split_concat": True},
+        "W4A4 low-rank 16 shortcuts": {"w_bits": 4, "a_bits": 4, "lowrank_rank": 16, "lowrank_scope": "skip_shortcuts"},
+        "W4A4 low-rank 8": {"w_bits": 4, "a_bits": 4, "lowrank_rank": 8},
+        "W4A4 low-rank 16": {"w_bits": 4, "a_bits": 4, "lowrank_rank": 16}}
+NEEDS_SKIPS = ("W4A4 split", "W4A4 low-rank 16 shortcuts")
 
 
-def student(teacher: DiffusionModel, bits: tuple[int, int, int, bool], folder: Path) -> Path:
+def student(teacher: DiffusionModel, bits: dict, folder: Path) -> Path:
     """The export folder of a random-weight student at the main job's quantization."""
     ts = tuple(sampler_timesteps(teacher, SamplerConfig(steps=50)))
-    split = bits[3] and bool(teacher.family.concat_splits(teacher.denoiser))
-    qcfg = QuantConfig(w_bits=bits[0], a_bits=bits[1], timesteps=ts, tpq_knots=4, lowrank_rank=bits[2],
-                       split_concat=split)
+    qcfg = QuantConfig(**bits, timesteps=ts, tpq_knots=4)
     s = prepare(copy.deepcopy(teacher.denoiser), qcfg)
     g = torch.Generator().manual_seed(0)
     shape = teacher.sample_shape
@@ -129,7 +131,7 @@ def rows_for(teacher: DiffusionModel, batch: int, main_batch: bool, tmp: Path) -
     teacher.denoiser.save_pretrained(tmp / "fp")
     sizes = {"FP float32": folder_mb(tmp / "fp")}
     for name, bits in BITS.items():
-        if name != "W4A4" and not main_batch or bits[3] and not teacher.family.concat_splits(teacher.denoiser):
+        if name != "W4A4" and not main_batch or name in NEEDS_SKIPS and not teacher.family.concat_splits(teacher.denoiser):
             continue
         folder = student(teacher, bits, tmp / name)
         sizes[f"dq {name}"] = folder_mb(folder)
