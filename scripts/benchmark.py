@@ -63,6 +63,8 @@ VARIANTS = {
     # the branch only on the two layers that hold most of the W4A4 error (docs/w4a4_gap.md)
     "dilatequant_lowrank16_sc": ("dilatequant", ["quant.lowrank_rank=16", "quant.lowrank_layers=[" + SHORTCUTS + "]"]),
     "dilatequant_lowrank16_skip": ("dilatequant", ["quant.lowrank_rank=16", "quant.lowrank_scope=skip_shortcuts"]),
+    # the default without its own branch (DilateQuant as the paper has it)
+    "dilatequant_no_lowrank": ("dilatequant", ["quant.lowrank_rank=0"]),
     "dilatequant_no_tpq_model400_own": ("dilatequant_no_tpq", ["distill.model_steps=400",
                                                               "distill.model_trajectory=student"]),
 }
@@ -74,7 +76,7 @@ LEVERS = ("dilatequant_long", "dilatequant_no_tpq_long", "dilatequant_model400",
           "dilatequant_no_tpq_traj1024", "dilatequant_a8_shortcuts", "dilatequant_no_tpq_a8_shortcuts",
           "ptq_emb_fp", "dilatequant_emb_fp", "dilatequant_no_tpq_emb_fp", "dilatequant_split", "dilatequant_lowrank16",
           "dilatequant_split_lowrank16", "svdquant_split", "dilatequant_lowrank8", "svdquant_r8",
-          "dilatequant_lowrank16_sc", "dilatequant_lowrank16_skip")
+          "dilatequant_lowrank16_sc", "dilatequant_lowrank16_skip", "dilatequant_no_lowrank")
 
 
 def cell_dir(runs: Path, method: str, bits: str, seed: int) -> Path:

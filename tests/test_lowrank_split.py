@@ -10,7 +10,9 @@ from dq.methods.svdquant import SVDQuantConfig
 from dq.models.load import build_arch
 from dq.models.student import prepare, weight_dilation
 from dq.quant.act_quantizer import TemporalActQuantizer
-from dq.quant.config import QuantConfig, QuantSpec
+from dq.quant.config import LowRank, QuantConfig, QuantSpec
+from dq.methods.base import Job
+from dq.methods.dilatequant import BRANCH
 from dq.quant.int8 import Int8Layer, available
 from dq.quant.layers import QuantConv2d, QuantLinear, iter_quant_layers
 from dq.quant.lowrank import svd_init
@@ -180,3 +182,40 @@ def test_skip_shortcut_scope_branches_the_up_path_shortcuts_only():
                 QuantConfig(timesteps=TS, lowrank_rank=3, lowrank_scope="skip_shortcuts"))
     with pytest.raises(ValueError, match="lowrank_scope='some' is not valid; valid choices: all, skip_shortcuts"):
         QuantSpec(lowrank_scope="some")
+
+
+def test_the_branch_is_the_users_where_set_else_the_methods():
+    own = LowRank(16, "skip_shortcuts")
+    assert QuantSpec().resolve_lowrank(own) == own and QuantSpec().resolve_lowrank() == LowRank(0, "all")
+    assert QuantSpec(lowrank_rank=8).resolve_lowrank(own) == LowRank(8, "all")  # a rank alone: every layer
+    assert QuantSpec(lowrank_rank=0).resolve_lowrank(own) == LowRank(0, "all")
+    assert QuantSpec(lowrank_scope="all").resolve_lowrank(own) == LowRank(16, "all")
+    with pytest.raises(ValueError, match="quant.lowrank_scope=all names no branch: this method has none"):
+        QuantSpec(lowrank_scope="all").resolve_lowrank()
+
+
+def _job(arch):
+    return Job(teacher=build_arch(arch), quant=QuantSpec(), distill=None, timesteps=list(TS),
+               calibration=lambda: None, fit=None)
+
+
+def test_dilatequants_own_branch_goes_to_the_unet_shortcuts_and_is_noted_where_none_fits():
+    job = _job("unet2d")
+    widest = max(min(job.teacher.denoiser.get_submodule(n).weight.shape[:2])
+                 for n in job.teacher.family.skip_shortcuts(job.teacher.denoiser))
+    fits = LowRank(widest - 1, BRANCH.scope)
+    student, qcfg = job.prepare(False, 0, fits)
+    assert (qcfg.lowrank_rank, qcfg.lowrank_scope) == (widest - 1, "skip_shortcuts")
+    got = [n for n, m in iter_quant_layers(student) if m.lowrank_rank]
+    assert got and all(n.endswith("conv_shortcut") for n in got)
+    assert job.notes == [f"quant.lowrank_rank unset: the method's own low-rank branch, rank {widest - 1} on "
+                         "skip_shortcuts (quant.lowrank_rank=0 for none)"]
+    assert _job("unet2d").quant_config(False, 0, LowRank(widest, "skip_shortcuts")).lowrank_rank == 0
+    dit = _job("dit_tiny")
+    assert dit.quant_config(False, 0, BRANCH).lowrank_rank == 0
+    assert dit.notes == ["quant.lowrank_rank unset: the method's low-rank branch (rank 16 on skip_shortcuts) fits no "
+                         "layer of this DiTTransformer2DModel (no skip concatenation): none built"]
+    with pytest.raises(ValueError, match=f"quant.lowrank_rank={widest} fits none of the skip shortcuts "
+                                         f"\\(largest rank that fits: {widest - 1}\\)"):
+        prepare(copy.deepcopy(job.teacher.denoiser), QuantConfig(timesteps=TS, lowrank_rank=widest,
+                                                                 lowrank_scope="skip_shortcuts"))

@@ -20,18 +20,16 @@ from dq.data.calibration import CalibrationSet
 from dq.distill.bkd import DistillConfig
 from dq.models.load import DiffusionModel
 from dq.models.student import calibrate, prepare
-from dq.errors import DQError
-from dq.quant.config import QuantConfig, QuantSpec
-from dq.quant.lowrank import lowrank_summary, svd_init
+from dq.errors import DQError, choice_error
+from dq.quant.config import LowRank, QuantConfig, QuantSpec
+from dq.quant.lowrank import lowrank_summary, max_rank, svd_init
+from dq.quant.quantizers import CALIBRATION_METHODS
 
 log = logging.getLogger("dq")
 
 
 def check_calib_method(value: str) -> str:
     """``method.calib_method`` must name an activation-table rule (minmax | percentile | mse)."""
-    from dq.errors import choice_error
-    from dq.quant.quantizers import CALIBRATION_METHODS
-
     if value not in CALIBRATION_METHODS:
         raise choice_error("method.calib_method", value, CALIBRATION_METHODS)
     return value
@@ -68,34 +66,57 @@ class Job:
     resume: bool = False
     notes: list[str] = field(default_factory=list)  # what was filled in by rule on the way (results.json)
 
-    def quant_config(self, shared_tables: bool, tpq_knots: int = 0, lowrank_rank: int | None = None) -> QuantConfig:
+    def quant_config(self, shared_tables: bool, tpq_knots: int = 0, lowrank: LowRank = LowRank()) -> QuantConfig:
+        """``lowrank``: the method's own low-rank branch, used where ``quant.lowrank_rank`` is unset."""
         steps = len(self.timesteps)
         if tpq_knots > steps and not shared_tables and steps:  # the default K on a short schedule
-            note = (f"method.tpq_knots={tpq_knots} > the sampler's {steps} steps: one knot per step (K={steps}), "
-                    f"the per-step table's expressiveness in the knot form")
-            if note not in self.notes:
-                log.info(note)
-                self.notes.append(note)
+            self.note(f"method.tpq_knots={tpq_knots} > the sampler's {steps} steps: one knot per step (K={steps}), "
+                      f"the per-step table's expressiveness in the knot form")
             tpq_knots = steps
         try:
-            return QuantConfig.from_spec(self.quant, self.timesteps, shared_tables, tpq_knots, lowrank_rank)
+            chosen = self.quant.resolve_lowrank(lowrank)
+            if self.quant.lowrank_rank is None and chosen.rank:  # the method's own choice, not the user's
+                chosen = self._method_branch(chosen)
+            return QuantConfig.from_spec(self.quant, self.timesteps, shared_tables, tpq_knots, chosen)
         except ValueError as e:
             raise DQError(str(e)) from None
 
+    def _method_branch(self, chosen: LowRank) -> LowRank:
+        """A method's own branch (quant.lowrank_rank unset), noted; none where its scope names no layer of
+        this model that the rank fits (skip_shortcuts on a model without skip concatenations, e.g. a DiT, or
+        too narrow for it) — by design, where the user asked for nothing."""
+        family, model = self.teacher.family, self.teacher.denoiser
+        if chosen.scope == "skip_shortcuts":
+            names = family.skip_shortcuts(model)
+            if not any(chosen.rank <= max_rank(model.get_submodule(n).weight) for n in names):
+                self.note(f"quant.lowrank_rank unset: the method's low-rank branch (rank {chosen.rank} on "
+                          f"skip_shortcuts) fits no layer of this {type(model).__name__} "
+                          f"({'no skip concatenation' if not names else 'shortcuts too narrow'}): none built")
+                return LowRank()
+        self.note(f"quant.lowrank_rank unset: the method's own low-rank branch, rank {chosen.rank} on "
+                  f"{chosen.scope} (quant.lowrank_rank=0 for none)")
+        return chosen
+
+    def note(self, text: str) -> None:
+        """Log a default filled in by rule once, and keep it for results.json."""
+        if text not in self.notes:
+            log.info(text)
+            self.notes.append(text)
+
     def prepare(self, shared_tables: bool, tpq_knots: int = 0,
-                lowrank_rank: int | None = None) -> tuple[torch.nn.Module, QuantConfig]:
+                lowrank: LowRank = LowRank()) -> tuple[torch.nn.Module, QuantConfig]:
         """A fake-quantized, trainable copy of the teacher's denoiser (min–max Δ_w; activation tables not
         yet set). Every parameter requires grad; a method freezes what it does not train. ``tpq_knots``:
-        0 = per-step tables, K = the continuous knot form (dq.quant.knots). ``lowrank_rank``: the method's
-        own low-rank rank (SVDQuant) instead of ``quant.lowrank_rank``."""
-        qcfg = self.quant_config(shared_tables, tpq_knots, lowrank_rank)
+        0 = per-step tables, K = the continuous knot form (dq.quant.knots). ``lowrank``: the method's own
+        low-rank branch (DilateQuant's, SVDQuant's), used where ``quant.lowrank_rank`` is unset."""
+        qcfg = self.quant_config(shared_tables, tpq_knots, lowrank)
         return prepare(copy.deepcopy(self.teacher.denoiser), qcfg).requires_grad_(True), qcfg
 
     def calibrate(self, student: torch.nn.Module, method: str, pooled: bool = False) -> None:
         """Initialise the activation tables from the first ``act_init_samples`` calibration inputs
         (``pooled``: every step's row from all steps' statistics); what had to be filled in by rule
         (steps never seen, quantizers never run) goes to ``notes``. A student with low-rank branches
-        (``lowrank_rank``) first gets them from its weights' SVD — after any scaling, which every method
+        (``qcfg.lowrank_rank``) first gets them from its weights' SVD — after any scaling, which every method
         applies before calibrating — so the tables are calibrated on the branched layers."""
         if svd_init(student):
             log.info("low-rank branches: %s", lowrank_summary(student))

@@ -1,4 +1,5 @@
-"""DilateQuant (arXiv 2409.14307): Weight Dilation + Temporal Parallel Quantizer + block-wise distillation.
+"""DilateQuant (arXiv 2409.14307): Weight Dilation + Temporal Parallel Quantizer + block-wise distillation,
+plus (dq's addition, not the paper's) SVDQuant's float low-rank branch on a UNet's skip-shortcut layers.
 
 The ablations are switches of this one recipe (conf/method/dilatequant_no_{wd,tpq,bkd}.yaml); the paper's
 per-step table is conf/method/dilatequant_table.yaml, the default TPQ form is measured in docs/tpq.md.
@@ -9,10 +10,15 @@ from dq.methods import register
 from dq.errors import choice_error
 from dq.methods.base import Job, Student, check_calib_method
 from dq.models.student import weight_dilation
+from dq.quant.config import LowRank
 from dq.quant.quantizers import CALIBRATION_METHODS
 
 
-TPQ_INITS = ("per_step", "pooled")  # each step's row from its own calibration inputs | from all steps'
+TPQ_INITS = ("per_step", "pooled")
+# SVDQuant's float low-rank branch on the layers that read a raw skip concatenation (a UNet's up-path 1x1
+# shortcuts), where the W4A4 error sits: it lowered FID in each of 3 paired seeds on the embedded teacher for
+# 15k float parameters (docs/w4a4_gap.md). quant.lowrank_rank / lowrank_scope override it; 0 = none.
+BRANCH = LowRank(16, "skip_shortcuts")  # each step's row from its own calibration inputs | from all steps'
 
 
 @dataclass
@@ -33,7 +39,7 @@ class DilateQuantConfig:
 
 @register(DilateQuantConfig)
 def run(job: Job, cfg: DilateQuantConfig) -> Student:
-    student, qcfg = job.prepare(cfg.shared_tables, 0 if cfg.shared_tables else cfg.tpq_knots)
+    student, qcfg = job.prepare(cfg.shared_tables, 0 if cfg.shared_tables else cfg.tpq_knots, BRANCH)
     scaling: list[dict] = []
     if not job.resume:  # a resumed run's checkpoint already holds the scaled, calibrated student
         if cfg.weight_dilation:

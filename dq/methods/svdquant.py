@@ -13,7 +13,7 @@ from dq.errors import DQError
 from dq.methods import register
 from dq.methods.base import Job, Student, check_calib_method
 from dq.models.student import smoothquant
-from dq.quant.config import check_rank
+from dq.quant.config import LowRank, check_rank
 from dq.quant.quantizers import CALIBRATION_METHODS
 
 
@@ -38,7 +38,10 @@ class SVDQuantConfig:
 
 @register(SVDQuantConfig)
 def run(job: Job, cfg: SVDQuantConfig) -> Student:
-    student, qcfg = job.prepare(shared_tables=not cfg.per_step_tables, lowrank_rank=cfg.rank)
+    student, qcfg = job.prepare(shared_tables=not cfg.per_step_tables, lowrank=LowRank(cfg.rank, "all"))
+    if not qcfg.lowrank_rank:
+        raise DQError("quant.lowrank_rank=0: SVDQuant needs its low-rank branch; leave quant.lowrank_rank unset "
+                      "(method.rank sets it)")
     scaling = smoothquant(student, job.batches(), cfg.alpha)
     job.calibrate(student, cfg.calib_method)  # splits the smoothed weights by their SVD first (Job.calibrate)
     return Student(student, qcfg, scaling=scaling)

@@ -25,7 +25,7 @@ from dq.quant.calibration import CalibrationReport
 from dq.quant.config import QuantConfig
 from dq.quant.knots import use_knots
 from dq.quant.layers import QUANT_LAYERS, iter_quant_layers
-from dq.quant.lowrank import add_lowrank, eligible
+from dq.quant.lowrank import add_lowrank, eligible, max_rank
 from dq.quant.prepare import attach_step_index, dequantize_layers, detach_step_index, quantize_layers
 from dq.quant.scaling import apply_smoothquant, apply_weight_dilation
 from dq.quant.split import split_inputs
@@ -81,6 +81,9 @@ def prepare(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
             raise ValueError(f"quant.lowrank_scope=skip_shortcuts, but no layer of this {type(model).__name__} reads a "
                              "raw skip concatenation; use quant.lowrank_scope=all")
     branched = add_lowrank(model, qcfg.lowrank_rank, qcfg.lowrank_layers, names)
+    if names and not branched and not qcfg.lowrank_layers:
+        raise ValueError(f"quant.lowrank_rank={qcfg.lowrank_rank} fits none of the skip shortcuts (largest rank that "
+                         f"fits: {max(max_rank(model.get_submodule(n).weight) for n in names)}); give a smaller rank")
     for p in qcfg.lowrank_layers if qcfg.lowrank_rank else ():
         if not any(n == p or n.startswith(p + ".") for n in branched):
             fits = [n for n, m in iter_quant_layers(model) if eligible(m, qcfg.lowrank_rank)

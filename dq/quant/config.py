@@ -25,6 +25,19 @@ def check_rank(rank: object, what: str) -> int:
     return rank
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """A low-rank branch setting: ``rank`` (0 = none) on the layers of ``scope``. A method's own choice is
+    used where the user leaves ``quant.lowrank_rank`` unset (:meth:`QuantSpec.resolve_lowrank`)."""
+
+    rank: int = 0
+    scope: str = "all"
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank, "low-rank rank")
+        check_scope(self.scope, "low-rank scope")
+
+
 @dataclass
 class QuantSpec:
     """The ``quant`` config group (conf/quant/*.yaml). Validated on construction.
@@ -45,11 +58,14 @@ class QuantSpec:
             w_bits), e.g. ["up_blocks.2.resnets.0.conv_shortcut"] (docs/w4a4_gap.md).
         split_concat: layers that read a skip concatenation (the model family names them: a UNet's up-path
             resnets) get one activation quantizer per part of it, each with its own per-step tables.
-        lowrank_rank: SVDQuant's float low-rank branch of this rank on every quantized layer it fits
-            (dq.quant.lowrank); 0 = none. Trained with the weights where a method trains them.
+        lowrank_rank: SVDQuant's float low-rank branch of this rank on the layers of ``lowrank_scope``
+            (dq.quant.lowrank); 0 = none. Trained with the weights where a method trains them. None (the
+            default): the method's own choice (:class:`LowRank`; DilateQuant: rank 16 on the skip shortcuts,
+            SVDQuant: ``method.rank`` on all layers, the others: none).
         lowrank_scope: which layers get the branch: ``all`` (every layer it fits) or ``skip_shortcuts``
             (the layers the model family names as reading a raw skip concatenation: a UNet's up-path 1×1
-            shortcuts, where the W4A4 error sits, docs/w4a4_gap.md).
+            shortcuts, where the W4A4 error sits, docs/w4a4_gap.md). None: the method's choice where
+            ``lowrank_rank`` is None too, else ``all``.
         lowrank_layers: qualified module-name prefixes that further restrict the branch's layers; empty = no
             restriction.
     """
@@ -65,14 +81,16 @@ class QuantSpec:
     skip: List[str] = field(default_factory=list)
     a8_layers: List[str] = field(default_factory=list)
     split_concat: bool = False
-    lowrank_rank: int = 0
-    lowrank_scope: str = field(default="all", metadata={"choices": LOWRANK_SCOPES})
+    lowrank_rank: Optional[int] = None
+    lowrank_scope: Optional[str] = field(default=None, metadata={"choices": ", ".join(LOWRANK_SCOPES) + " or null"})
     lowrank_layers: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "quant.w_bits")
-        check_rank(self.lowrank_rank, "quant.lowrank_rank")
-        check_scope(self.lowrank_scope, "quant.lowrank_scope")
+        if self.lowrank_rank is not None:
+            check_rank(self.lowrank_rank, "quant.lowrank_rank")
+        if self.lowrank_scope is not None:
+            check_scope(self.lowrank_scope, "quant.lowrank_scope")
         for name in ("a_bits", "prob_bits", "first_last_bits"):
             v = getattr(self, name)
             if v is not None:
@@ -81,6 +99,16 @@ class QuantSpec:
     @property
     def label(self) -> str:
         return f"W{self.w_bits}A{self.a_bits if self.a_bits is not None else 'FP'}"
+
+    def resolve_lowrank(self, method_choice: LowRank = LowRank()) -> LowRank:
+        """The branch this spec asks for: ``quant.lowrank_rank`` / ``lowrank_scope`` where set, the method's
+        choice where not (a scope given without a rank takes the method's rank; a rank without a scope: all)."""
+        if self.lowrank_rank is None:
+            if self.lowrank_scope is not None and not method_choice.rank:
+                raise ValueError(f"quant.lowrank_scope={self.lowrank_scope} names no branch: this method has none "
+                                 "of its own, so set quant.lowrank_rank too")
+            return LowRank(method_choice.rank, self.lowrank_scope or method_choice.scope)
+        return LowRank(self.lowrank_rank, self.lowrank_scope or "all")
 
 
 @dataclass(frozen=True)
@@ -141,11 +169,11 @@ class QuantConfig:
 
     @classmethod
     def from_spec(cls, spec: QuantSpec, timesteps: tuple[int, ...] | list[int], shared_tables: bool,
-                  tpq_knots: int = 0, lowrank_rank: int | None = None) -> "QuantConfig":
-        """``lowrank_rank``: a method's own rank (SVDQuant's), instead of the spec's."""
+                  tpq_knots: int = 0, lowrank: LowRank | None = None) -> "QuantConfig":
+        """``lowrank``: the branch to build (default: the spec's own, :meth:`QuantSpec.resolve_lowrank`)."""
+        lowrank = spec.resolve_lowrank() if lowrank is None else lowrank
         fields = {k: v for k, v in asdict(spec).items() if k != "name"}
-        if lowrank_rank is not None:
-            fields["lowrank_rank"] = lowrank_rank
+        fields.update(lowrank_rank=lowrank.rank, lowrank_scope=lowrank.scope)
         return cls(**{**fields, "skip": tuple(spec.skip), "a8_layers": tuple(spec.a8_layers),
                       "lowrank_layers": tuple(spec.lowrank_layers)},
                    timesteps=tuple(timesteps), shared_tables=shared_tables, tpq_knots=tpq_knots)

@@ -21,11 +21,14 @@ from torch import nn
 from dq.quant.layers import QuantConv2d, QuantLinear, iter_quant_layers
 
 
+def max_rank(weight: torch.Tensor) -> int:
+    """The largest branch rank a weight takes: below both dimensions of its matrix ([C_out, C_in·kh·kw])."""
+    return min(weight.shape[0], weight[0].numel()) - 1
+
+
 def eligible(layer: QuantConv2d | QuantLinear, rank: int) -> bool:
-    """A branch of ``rank`` fits the layer: it reads quantized activations and the rank is below both
-    dimensions of its weight matrix ([C_out, C_in·kh·kw])."""
-    w = layer.weight
-    return layer.act_quant is not None and rank < min(w.shape[0], w[0].numel())
+    """A branch of ``rank`` fits the layer: it reads quantized activations and ``rank`` ≤ its max_rank."""
+    return layer.act_quant is not None and rank <= max_rank(layer.weight)
 
 
 def add_lowrank(model: nn.Module, rank: int, prefixes: tuple[str, ...] = (),
