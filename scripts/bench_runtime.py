@@ -11,8 +11,8 @@ used. Written to docs/runtime.md.
 
 Cells are resumable: each runs in its own process and writes benchmarks/runtime/<cpu>/<arch>_b<batch>.json;
 a cell already there is kept (--force measures it again), so an interrupted run continues where it stopped.
-Students: random weights at the main job's quantization (W4A4, continuous TPQ over 4 knots, DDIM 50
-tables, Weight Dilation, min–max tables) — speed does not depend on the values. The PT2E and torchao
+Students: random weights at the main job's quantization (W4A4 with DilateQuant's skip-shortcut branch,
+continuous TPQ over 4 knots, DDIM 50 tables, Weight Dilation, min–max tables) — speed does not depend on the values. The PT2E and torchao
 rows need torchao (pip install -r requirements-bench.txt).
 """
 from __future__ import annotations
@@ -36,25 +36,31 @@ from dq.models.conditioning import cond_fn_for
 from dq.models.export import export_student, load_export
 from dq.models.load import DiffusionModel, ModelConfig, build_arch, load_model
 from dq.models.sampling import SamplerConfig, sampler_timesteps
-from dq.models.student import calibrate, prepare, weight_dilation
-from dq.quant.config import QuantConfig
+from dq.methods.dilatequant import BRANCH
+from dq.models.student import calibrate, prepare, shortcut_branch, weight_dilation
+from dq.quant.config import LowRank, QuantConfig
 from dq.quant.lowrank import svd_init
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ("digits:250", "digits:1", "ddpm_cifar10:16", "ddpm_cifar10:1", "dit_xl2:2")
 PEERS = ("FP bf16 + compile", "PT2E W8A8 + compile")  # the rows a user would pick instead of dq
-# setting → its QuantConfig fields; split and shortcut-branch settings only where the model has skip concatenations
-BITS = {"W4A4": {"w_bits": 4, "a_bits": 4}, "W4A8": {"w_bits": 4, "a_bits": 8}, "W8A8": {"w_bits": 8, "a_bits": 8},
-        "W4A4 split": {"w_bits": 4, "a_bits": 4, "split_concat": True},
-        "W4A4 low-rank 16 shortcuts": {"w_bits": 4, "a_bits": 4, "lowrank_rank": 16, "lowrank_scope": "skip_shortcuts"},
-        "W4A4 low-rank 8": {"w_bits": 4, "a_bits": 4, "lowrank_rank": 8},
-        "W4A4 low-rank 16": {"w_bits": 4, "a_bits": 4, "lowrank_rank": 16}}
-NEEDS_SKIPS = ("W4A4 split", "W4A4 low-rank 16 shortcuts")
+# setting → its QuantConfig fields. "W4A4" is the main job's default student: DilateQuant's own float low-rank
+# branch (dq.methods.dilatequant.BRANCH) on the skip shortcuts where the model has ones it fits, none elsewhere.
+W4 = {"w_bits": 4, "a_bits": 4}
+BITS = {"W4A4": {**W4, "lowrank": BRANCH}, "W4A8": {"w_bits": 4, "a_bits": 8, "lowrank": BRANCH},
+        "W8A8": {"w_bits": 8, "a_bits": 8, "lowrank": BRANCH},
+        "W4A4 no branch": W4, "W4A4 split": {**W4, "split_concat": True},
+        "W4A4 low-rank 8": {**W4, "lowrank_rank": 8}, "W4A4 low-rank 16": {**W4, "lowrank_rank": 16}}
+NEEDS_SKIPS = ("W4A4 no branch", "W4A4 split")  # rows that differ from W4A4 only where the model has skips
 
 
 def student(teacher: DiffusionModel, bits: dict, folder: Path) -> Path:
     """The export folder of a random-weight student at the main job's quantization."""
     ts = tuple(sampler_timesteps(teacher, SamplerConfig(steps=50)))
+    bits = dict(bits)
+    if "lowrank" in bits:  # the method's own branch, as the main job resolves it
+        branch = shortcut_branch(teacher.denoiser, bits.pop("lowrank")) or LowRank()
+        bits.update(lowrank_rank=branch.rank, lowrank_scope=branch.scope)
     qcfg = QuantConfig(**bits, timesteps=ts, tpq_knots=4)
     s = prepare(copy.deepcopy(teacher.denoiser), qcfg)
     g = torch.Generator().manual_seed(0)
@@ -223,7 +229,9 @@ def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> s
              "peer' is the faster of bf16 + compile and PT2E W8A8 + compile over the row's, in the same run "
              "(above 1: dq is faster). The first call of a compiled row includes its compile (inductor's disk "
              "cache may hold earlier compiles of the same graph). dq rows: random-weight students at the main "
-             "job's quantization (continuous TPQ over 4 knots, DDIM-50 tables, Weight Dilation); `compiled` "
+             "job's quantization (continuous TPQ over 4 knots, DDIM-50 tables, Weight Dilation; `W4A4`, `W4A8` and "
+             "`W8A8` with DilateQuant's rank-16 float branch on the skip shortcuts where the model has them, "
+             "`no branch` without); `compiled` "
              "runs bfloat16 between the integer kernels where the CPU has bf16 instructions "
              "(`DQ_COMPILED_DTYPE=float32` to compare). The attention matmuls (q·kᵀ, P·v) run in float on "
              "the integer grid's values: torchao 0.18's int8 SDPA op has no CPU kernel in its wheel and torch "

@@ -19,10 +19,10 @@ import torch
 from dq.data.calibration import CalibrationSet
 from dq.distill.bkd import DistillConfig
 from dq.models.load import DiffusionModel
-from dq.models.student import calibrate, prepare
+from dq.models.student import calibrate, prepare, shortcut_branch
 from dq.errors import DQError, choice_error
 from dq.quant.config import LowRank, QuantConfig, QuantSpec
-from dq.quant.lowrank import lowrank_summary, max_rank, svd_init
+from dq.quant.lowrank import lowrank_summary, svd_init
 from dq.quant.quantizers import CALIBRATION_METHODS
 
 log = logging.getLogger("dq")
@@ -85,14 +85,12 @@ class Job:
         """A method's own branch (quant.lowrank_rank unset), noted; none where its scope names no layer of
         this model that the rank fits (skip_shortcuts on a model without skip concatenations, e.g. a DiT, or
         too narrow for it) — by design, where the user asked for nothing."""
-        family, model = self.teacher.family, self.teacher.denoiser
-        if chosen.scope == "skip_shortcuts":
-            names = family.skip_shortcuts(model)
-            if not any(chosen.rank <= max_rank(model.get_submodule(n).weight) for n in names):
-                self.note(f"quant.lowrank_rank unset: the method's low-rank branch (rank {chosen.rank} on "
-                          f"skip_shortcuts) fits no layer of this {type(model).__name__} "
-                          f"({'no skip concatenation' if not names else 'shortcuts too narrow'}): none built")
-                return LowRank()
+        model = self.teacher.denoiser
+        if shortcut_branch(model, chosen) is None:
+            why = "shortcuts too narrow" if self.teacher.family.skip_shortcuts(model) else "no skip concatenation"
+            self.note(f"quant.lowrank_rank unset: the method's low-rank branch (rank {chosen.rank} on "
+                      f"skip_shortcuts) fits no layer of this {type(model).__name__} ({why}): none built")
+            return LowRank()
         self.note(f"quant.lowrank_rank unset: the method's own low-rank branch, rank {chosen.rank} on "
                   f"{chosen.scope} (quant.lowrank_rank=0 for none)")
         return chosen

@@ -22,7 +22,7 @@ from dq.models.attention import restore_attention
 from dq.models.families import family_of
 from dq.quant import calibration
 from dq.quant.calibration import CalibrationReport
-from dq.quant.config import QuantConfig
+from dq.quant.config import LowRank, QuantConfig
 from dq.quant.knots import use_knots
 from dq.quant.layers import QUANT_LAYERS, iter_quant_layers
 from dq.quant.lowrank import add_lowrank, eligible, max_rank
@@ -93,6 +93,16 @@ def prepare(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     if qcfg.tpq_knots:
         use_knots(model, qcfg.tpq_knots)
     return model
+
+
+def shortcut_branch(model: nn.Module, branch: LowRank) -> LowRank | None:
+    """``branch`` where its scope is skip_shortcuts and some shortcut of ``model`` (a float model, its family's
+    ``skip_shortcuts``) takes its rank, ``None`` where none does (no skip concatenation, or too narrow); any
+    other ``branch`` as it is."""
+    if not branch.rank or branch.scope != "skip_shortcuts":
+        return branch
+    names = family_of(model).skip_shortcuts(model)
+    return branch if any(branch.rank <= max_rank(model.get_submodule(n).weight) for n in names) else None
 
 
 def unprepare(model: nn.Module) -> nn.Module:
