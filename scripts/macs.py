@@ -1,6 +1,7 @@
 """Multiply-accumulates per image of every Conv2d / Linear, and the share of the layer groups whose
 precision docs/w4a4_gap.md discusses: the conditioning branch (``quant.quantize_embedding_acts``) and
-the last up block's shortcut convs (``dilatequant_a8_shortcuts``).
+the last up block's shortcut convs (``dilatequant_a8_shortcuts``), every up-path skip shortcut, and the
+float low-rank branch DilateQuant puts on those by default (rank 16: r·(fan_in + C_out) per output position).
 
     python scripts/macs.py                 # the embedded digits teacher
     python scripts/macs.py --arch ddpm_cifar10
@@ -22,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dq.errors import run_script  # noqa: E402
+from dq.methods.dilatequant import BRANCH  # noqa: E402
+from dq.quant.lowrank import max_rank  # noqa: E402
 
 ARCHS = ("digits", "ddpm_cifar10")
 
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = {"all Conv2d / Linear": lambda n: True,
               "conditioning branch (embedding MLP + time_emb_proj)": family.embedding_branch,
               f"{last_up}*.conv_shortcut": lambda n: n.startswith(last_up) and n.endswith(".conv_shortcut")}
+    shortcuts = set(family.skip_shortcuts(model))
+    groups["up-path skip shortcuts (quant.lowrank_scope=skip_shortcuts)"] = shortcuts.__contains__
     total = sum(macs.values())
     print(f"{args.arch}: MACs per image (one denoiser call; attention matmuls not counted)\n")
     print("| layers | count | MACs | share |\n|---|---|---|---|")
@@ -74,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n in macs if pick(n)]
         v = sum(macs[n] for n in names)
         print(f"| {label} | {len(names)} | {v / 1e6:.3f} M | {100 * v / total:.2f} % |")
+    r = BRANCH.rank
+    fits = [n for n in shortcuts if r <= max_rank(model.get_submodule(n).weight)]
+    branch = sum(macs[n] * r * (model.get_submodule(n).weight[0].numel() + model.get_submodule(n).weight.shape[0])
+                 / model.get_submodule(n).weight[0].numel() / model.get_submodule(n).weight.shape[0] for n in fits)
+    print(f"| their float rank-{r} branch (DilateQuant's default; not in the total) | {len(fits)} | "
+          f"{branch / 1e6:.3f} M | {100 * branch / total:.2f} % |")
     return 0
 
 
