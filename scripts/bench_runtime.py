@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dq.errors import DQError, run_script
-from dq.machine import cpu as cpu_info, onednn_isa, slug as cpu_slug
+from dq.machine import code_version, cpu as cpu_info, onednn_isa, slug as cpu_slug
 from dq.models.conditioning import cond_fn_for
 from dq.models.export import export_student, load_export
 from dq.models.load import DiffusionModel, ModelConfig, build_arch, load_model
@@ -212,7 +212,7 @@ def run_cell(cell: str, repeats: int, out: Path) -> None:
     result = {"cell": cell, "arch": arch, "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats,
               "order": "sequential" if sequential else "interleaved",
               "ms": {k: statistics.median(v) for k, v in times.items()}, "first_call_s": first, "sizes_mb": sizes,
-              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
 
@@ -221,7 +221,9 @@ def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> s
     caps = ", ".join(info["flags"])
     where = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
     lines = ["# Deployable students: speed against what a user would run instead", "",
-             f"Written by `python scripts/bench_runtime.py` from the cells in `{where}/` (one process per cell).",
+             f"Written by `python scripts/bench_runtime.py` from the cells recorded in `docs/runtime_cells.json` "
+             f"(this CPU's cells under `{where}/` written over it; one process per cell). Each cell names when and on "
+             "which dq commit it was measured: compare rows within a cell, not across cells.",
              f"CPU: **{info['model']}** ({caps}; torch CPU capability {info['torch_cpu_capability']}), "
              f"torch {info['torch']}, {results[0]['threads'] if results else '?'} threads. oneDNN kernels used "
              f"(ONEDNN_VERBOSE): " + "; ".join(f"{k} → `{v}`" for k, v in info.get("onednn", {}).items()) + ".", "",
@@ -242,7 +244,9 @@ def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> s
         order = ("" if r.get("order", "interleaved") == "interleaved" else
                  "Rows measured one after another (the model's copies do not fit in memory together), float32 "
                  "measured first and again last; ratios use the first. ")
-        lines += [f"## {r['arch']}, batch {r['batch']}", "", *([order, ""] if order else []), "| model | ms per call | × float32 | vs best peer | "
+        code = (r.get("code") or {}).get("commit")
+        when = f"Measured {r['time']}" + (f" at dq `{code[:7]}`{'*' if r['code'].get('dirty') else ''}" if code else "") + ". "
+        lines += [f"## {r['arch']}, batch {r['batch']}", "", when + order, "", "| model | ms per call | × float32 | vs best peer | "
                   "first call s | disk MB |", "|---|---|---|---|---|---|"]
         for name, v in ms.items():
             size = next((f"{mb:.2f}" for k, mb in r["sizes_mb"].items() if name == k or name.startswith(k + " ")), "")
@@ -325,16 +329,33 @@ def main() -> int:
         fid = [fid_rows(p, a.fid_samples, ["reference", "int8", "compiled"] if i == 0 else ["reference", "compiled"])
                for i, p in enumerate(a.fid)]
         (folder / "fid.json").write_text(json.dumps(fid, indent=1))
+    slug = cpu_slug(info)
+    ledger = merge_ledger(a.out.with_name("runtime_cells.json"), slug, folder)
     order = [*CELLS, *(c for c in a.cells if c not in CELLS)]
-    results = [json.loads((folder / f"{c.replace(':', '_b')}.json").read_text()) for c in order
-               if (folder / f"{c.replace(':', '_b')}.json").exists()]
-    fid = json.loads((folder / "fid.json").read_text()) if (folder / "fid.json").exists() else None
-    a.out.write_text(report(json.loads(info_file.read_text()), results, fid, folder))
+    results = [ledger["cells"][slug][c] for c in order if c in ledger["cells"][slug]]
+    a.out.write_text(report(ledger["machines"][slug], results, ledger["fid"].get(slug), folder))
     print(f"wrote {a.out}", file=sys.stderr)
     return 0
 
 
 CELLS_ARCHS = ("ddpm_cifar10", "dit_xl2", "unet2d", "dit_tiny")
+
+
+def merge_ledger(path: Path, slug: str, folder: Path) -> dict:
+    """The committed record of every measured cell (docs/runtime_cells.json: per CPU, its machine facts,
+    cells and FID rows), with this CPU's cells under ``folder`` written over it; written back, so cells
+    outlive the machine that measured them and the report never drops a cell it once had."""
+    ledger = json.loads(path.read_text()) if path.is_file() else {"machines": {}, "cells": {}, "fid": {}}
+    if (folder / "machine.json").is_file():
+        ledger["machines"][slug] = json.loads((folder / "machine.json").read_text())
+    cells = ledger["cells"].setdefault(slug, {})
+    for f in sorted(folder.glob("*_b*.json")):
+        r = json.loads(f.read_text())
+        cells[r["cell"]] = r
+    if (folder / "fid.json").is_file():
+        ledger["fid"][slug] = json.loads((folder / "fid.json").read_text())
+    path.write_text(json.dumps(ledger, indent=1) + "\n")
+    return ledger
 
 if __name__ == "__main__":
     run_script(main)

@@ -163,3 +163,23 @@ def test_bench_runtime_names_a_bad_cell_in_one_line():
     proc = subprocess.run([sys.executable, str(script), "--cells", "resnet:8"], capture_output=True, text=True)
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(err) == 1 and "'resnet:8'" in err[0] and "ddpm_cifar10" in err[0], proc.stderr
+
+
+def test_bench_runtime_ledger_keeps_cells_of_earlier_runs_and_takes_new_ones_over_them(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_runtime", Path(__file__).resolve().parents[1] / "scripts" / "bench_runtime.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ledger, folder = tmp_path / "runtime_cells.json", tmp_path / "cpu"
+    folder.mkdir()
+    old = {"cell": "digits:1", "ms": {"FP float32": 7.0}}
+    ledger.write_text(json.dumps({"machines": {"cpu": {"model": "X"}}, "fid": {},
+                                  "cells": {"cpu": {"digits:1": old, "digits:250": {"cell": "digits:250", "ms": {}}}}}))
+    new = {"cell": "digits:250", "ms": {"FP float32": 300.0}}
+    (folder / "digits_b250.json").write_text(json.dumps(new))
+    (folder / "machine.json").write_text(json.dumps({"model": "Y"}))
+    merged = bench.merge_ledger(ledger, "cpu", folder)
+    assert merged["cells"]["cpu"] == {"digits:1": old, "digits:250": new} and merged["machines"]["cpu"] == {"model": "Y"}
+    assert json.loads(ledger.read_text()) == merged  # written back
