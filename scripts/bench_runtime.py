@@ -249,7 +249,8 @@ def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> s
         lines += [f"## {r['arch']}, batch {r['batch']}", "", when + order, "", "| model | ms per call | × float32 | vs best peer | "
                   "first call s | disk MB |", "|---|---|---|---|---|---|"]
         for name, v in ms.items():
-            size = next((f"{mb:.2f}" for k, mb in r["sizes_mb"].items() if name == k or name.startswith(k + " ")), "")
+            owners = [k for k in r["sizes_mb"] if name == k or name.startswith(k + " ")]  # the longest: its export
+            size = f"{r['sizes_mb'][max(owners, key=len)]:.2f}" if owners else ""
             lines.append(f"| {name} | {v:.1f} | {ms['FP float32'] / v:.2f}× | {best / v:.2f}× | "
                          f"{r['first_call_s'][name]:.1f} | {size} |")
         lines.append("")
