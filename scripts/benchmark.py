@@ -213,7 +213,10 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
             lines.append(f"| {m} | {mean_std(a)} | {mean_std(d)} | {delta:+.2f} | {paired} | {verdict} |")
     if lines:
         lines.insert(0, "\n## DilateQuant against each baseline and ablation\n\n\"Beyond spread\": the means "
-                        "differ by more than the sum of the two seed standard deviations.")
+                        "differ by more than the sum of the two seed standard deviations. `dilatequant` (and its "
+                        "no_wd / no_tpq / no_bkd / table ablations) carries DilateQuant's own float low-rank branch "
+                        "on the skip shortcuts, svdquant its branch on every layer, the other methods none; the "
+                        "same recipe without the branch is `dilatequant_no_lowrank` (section Levers).")
     return lines
 
 
