@@ -344,7 +344,8 @@ CELLS_ARCHS = ("ddpm_cifar10", "dit_xl2", "unet2d", "dit_tiny")
 
 def merge_ledger(path: Path, slug: str, folder: Path) -> dict:
     """The committed record of every measured cell (docs/runtime_cells.json: per CPU, its machine facts,
-    cells and FID rows), with this CPU's cells under ``folder`` written over it; written back, so cells
+    cells and FID rows), with this CPU's cells and FID rows under ``folder`` written over it (per cell, per
+    student); written back, so cells
     outlive the machine that measured them and the report never drops a cell it once had."""
     ledger = json.loads(path.read_text()) if path.is_file() else {"machines": {}, "cells": {}, "fid": {}}
     if (folder / "machine.json").is_file():
@@ -353,8 +354,10 @@ def merge_ledger(path: Path, slug: str, folder: Path) -> dict:
     for f in sorted(folder.glob("*_b*.json")):
         r = json.loads(f.read_text())
         cells[r["cell"]] = r
-    if (folder / "fid.json").is_file():
-        ledger["fid"][slug] = json.loads((folder / "fid.json").read_text())
+    if (folder / "fid.json").is_file():  # per student: a student measured again replaces its rows
+        fresh = json.loads((folder / "fid.json").read_text())
+        kept = [f for f in ledger["fid"].get(slug, []) if f["student"] not in {g["student"] for g in fresh}]
+        ledger["fid"][slug] = kept + fresh
     path.write_text(json.dumps(ledger, indent=1) + "\n")
     return ledger
 

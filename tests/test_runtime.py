@@ -180,6 +180,10 @@ def test_bench_runtime_ledger_keeps_cells_of_earlier_runs_and_takes_new_ones_ove
     new = {"cell": "digits:250", "ms": {"FP float32": 300.0}}
     (folder / "digits_b250.json").write_text(json.dumps(new))
     (folder / "machine.json").write_text(json.dumps({"model": "Y"}))
+    ledger.write_text(json.dumps({**json.loads(ledger.read_text()),
+                                  "fid": {"cpu": [{"student": "a", "rows": [1]}, {"student": "b", "rows": [2]}]}}))
+    (folder / "fid.json").write_text(json.dumps([{"student": "b", "rows": [3]}]))
     merged = bench.merge_ledger(ledger, "cpu", folder)
     assert merged["cells"]["cpu"] == {"digits:1": old, "digits:250": new} and merged["machines"]["cpu"] == {"model": "Y"}
+    assert merged["fid"]["cpu"] == [{"student": "a", "rows": [1]}, {"student": "b", "rows": [3]}]
     assert json.loads(ledger.read_text()) == merged  # written back
