@@ -12,8 +12,8 @@ used. Written to docs/runtime.md.
 Cells are resumable: each runs in its own process and writes benchmarks/runtime/<cpu>/<arch>_b<batch>.json;
 a cell already there is kept (--force measures it again), so an interrupted run continues where it stopped.
 Students: random weights at the main job's quantization (W4A4 with DilateQuant's skip-shortcut branch,
-continuous TPQ over 4 knots, DDIM 50 tables, Weight Dilation, min–max tables) — speed does not depend on the values. The PT2E and torchao
-rows need torchao (pip install -r requirements-bench.txt).
+continuous TPQ over 4 knots, DDIM 50 tables, Weight Dilation, min–max tables) — speed does not depend on
+the values. The PT2E and torchao rows need torchao (pip install -r requirements-bench.txt).
 """
 from __future__ import annotations
 
@@ -345,8 +345,8 @@ CELLS_ARCHS = ("ddpm_cifar10", "dit_xl2", "unet2d", "dit_tiny")
 def merge_ledger(path: Path, slug: str, folder: Path) -> dict:
     """The committed record of every measured cell (docs/runtime_cells.json: per CPU, its machine facts,
     cells and FID rows), with this CPU's cells and FID rows under ``folder`` written over it (per cell, per
-    student); written back, so cells
-    outlive the machine that measured them and the report never drops a cell it once had."""
+    student); written back, so cells outlive the machine that measured them and the report never drops a
+    cell it once had."""
     ledger = json.loads(path.read_text()) if path.is_file() else {"machines": {}, "cells": {}, "fid": {}}
     if (folder / "machine.json").is_file():
         ledger["machines"][slug] = json.loads((folder / "machine.json").read_text())
@@ -360,6 +360,7 @@ def merge_ledger(path: Path, slug: str, folder: Path) -> dict:
         ledger["fid"][slug] = kept + fresh
     path.write_text(json.dumps(ledger, indent=1) + "\n")
     return ledger
+
 
 if __name__ == "__main__":
     run_script(main)

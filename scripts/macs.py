@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dq.errors import run_script  # noqa: E402
 from dq.methods.dilatequant import BRANCH  # noqa: E402
-from dq.quant.lowrank import max_rank  # noqa: E402
+from dq.quant.lowrank import branch_share, max_rank  # noqa: E402
 
 ARCHS = ("digits", "ddpm_cifar10")
 
@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         v = sum(macs[n] for n in names)
         print(f"| {label} | {len(names)} | {v / 1e6:.3f} M | {100 * v / total:.2f} % |")
     r = BRANCH.rank
-    fits = [n for n in shortcuts if r <= max_rank(model.get_submodule(n).weight)]
-    branch = sum(macs[n] * r * (model.get_submodule(n).weight[0].numel() + model.get_submodule(n).weight.shape[0])
-                 / model.get_submodule(n).weight[0].numel() / model.get_submodule(n).weight.shape[0] for n in fits)
+    weights = {n: model.get_submodule(n).weight for n in shortcuts}
+    fits = [n for n, w in weights.items() if r <= max_rank(w)]
+    branch = sum(macs[n] * branch_share(weights[n], r) for n in fits)
     print(f"| their float rank-{r} branch (DilateQuant's default; not in the total) | {len(fits)} | "
           f"{branch / 1e6:.3f} M | {100 * branch / total:.2f} % |")
     return 0

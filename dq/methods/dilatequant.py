@@ -14,11 +14,11 @@ from dq.quant.config import LowRank
 from dq.quant.quantizers import CALIBRATION_METHODS
 
 
-TPQ_INITS = ("per_step", "pooled")
+TPQ_INITS = ("per_step", "pooled")  # each step's row from its own calibration inputs | from all steps'
 # SVDQuant's float low-rank branch on the layers that read a raw skip concatenation (a UNet's up-path 1x1
 # shortcuts), where the W4A4 error sits: it lowered FID in each of 3 paired seeds on the embedded teacher for
 # 15k float parameters (docs/w4a4_gap.md). quant.lowrank_rank / lowrank_scope override it; 0 = none.
-BRANCH = LowRank(16, "skip_shortcuts")  # each step's row from its own calibration inputs | from all steps'
+BRANCH = LowRank(16, "skip_shortcuts")
 
 
 @dataclass

@@ -24,6 +24,11 @@ from torch import Tensor, nn
 from dq.quant.quantizers import TemporalActQuantizer, WeightQuantizer
 
 
+def max_rank(weight: Tensor) -> int:
+    """The largest low-rank branch a weight takes: below both dimensions of its matrix ([C_out, C_in·kh·kw])."""
+    return min(weight.shape[0], weight[0].numel()) - 1
+
+
 class _QuantInput:
     """Shared input path of QuantConv2d / QuantLinear (mixin; the nn class comes second in the MRO)."""
 
@@ -49,8 +54,8 @@ class _QuantInput:
     def set_lowrank(self, rank: int) -> None:
         """Give the layer a float low-rank branch of ``rank`` (zero: the layer's function is unchanged)."""
         w = self.weight
-        if not isinstance(rank, int) or not 0 < rank < min(w.shape[0], w[0].numel()):
-            raise ValueError(f"low-rank rank={rank!r} must be an int in 1..{min(w.shape[0], w[0].numel()) - 1} "
+        if not isinstance(rank, int) or not 0 < rank <= max_rank(w):
+            raise ValueError(f"low-rank rank={rank!r} must be an int in 1..{max_rank(w)} "
                              f"for a weight of shape {list(w.shape)}")
         if getattr(self, "padding_mode", "zeros") != "zeros":
             raise ValueError(f"a low-rank branch needs zero padding, not padding_mode={self.padding_mode!r}")

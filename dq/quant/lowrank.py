@@ -18,12 +18,7 @@ import math
 import torch
 from torch import nn
 
-from dq.quant.layers import QuantConv2d, QuantLinear, iter_quant_layers
-
-
-def max_rank(weight: torch.Tensor) -> int:
-    """The largest branch rank a weight takes: below both dimensions of its matrix ([C_out, C_in·kh·kw])."""
-    return min(weight.shape[0], weight[0].numel()) - 1
+from dq.quant.layers import QuantConv2d, QuantLinear, iter_quant_layers, max_rank
 
 
 def eligible(layer: QuantConv2d | QuantLinear, rank: int) -> bool:
@@ -49,9 +44,14 @@ def add_lowrank(model: nn.Module, rank: int, prefixes: tuple[str, ...] = (),
 
 
 def branch_macs(layer: QuantConv2d | QuantLinear) -> float:
-    """The branch's multiply-accumulates per output position over the layer's own: r(C_in·k² + C_out) / (C_out·C_in·k²)."""
-    c_out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
-    return layer.lowrank_rank * (fan_in + c_out) / (c_out * fan_in)
+    """The branch's multiply-accumulates per output position over the layer's own (:func:`branch_share`)."""
+    return branch_share(layer.weight, layer.lowrank_rank)
+
+
+def branch_share(weight: torch.Tensor, rank: int) -> float:
+    """A rank-``rank`` branch's MACs over its layer's: r(C_in·k² + C_out) / (C_out·C_in·k²)."""
+    c_out, fan_in = weight.shape[0], weight[0].numel()
+    return rank * (fan_in + c_out) / (c_out * fan_in)
 
 
 @torch.no_grad()
