@@ -178,6 +178,8 @@ class Int8Conv2d(_Int8Base):
         _packed(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
 
     def _run(self, x: Tensor, dx: Tensor, inv: Tensor, zp: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # the codes in the kernel's layout, written by the pass that made x
+            x = x.contiguous(memory_format=torch.channels_last)
         xq = quantize_u8(x, inv, zp, self.act.bits)
         y = qconv2d(xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias, self.stride, self.padding,
                     self.dilation, self.out_dtype)
