@@ -217,16 +217,14 @@ def run_cell(cell: str, repeats: int, out: Path) -> None:
     out.write_text(json.dumps(result, indent=1))
 
 
-def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> str:
-    caps = ", ".join(info["flags"])
+def report(ledger: dict, current: str, folder: Path) -> str:
+    """docs/runtime.md: every CPU of the ledger (this one first), each with its machine facts, cells and FID rows."""
     where = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
     lines = ["# Deployable students: speed against what a user would run instead", "",
              f"Written by `python scripts/bench_runtime.py` from the cells recorded in `docs/runtime_cells.json` "
-             f"(this CPU's cells under `{where}/` written over it; one process per cell). Each cell names when and on "
-             "which dq commit it was measured: compare rows within a cell, not across cells.",
-             f"CPU: **{info['model']}** ({caps}; torch CPU capability {info['torch_cpu_capability']}), "
-             f"torch {info['torch']}, {results[0]['threads'] if results else '?'} threads. oneDNN kernels used "
-             f"(ONEDNN_VERBOSE): " + "; ".join(f"{k} → `{v}`" for k, v in info.get("onednn", {}).items()) + ".", "",
+             f"(this CPU's cells under `{where}/` written over it; one process per cell), one section per CPU: a "
+             "ranking can flip with the CPU (AMX tiles or not). Each cell names when and on which dq commit it was "
+             "measured: compare rows within a cell, not across cells or CPUs.", "",
              "One denoiser call, median of interleaved rounds; × is float32's time over the row's, and 'vs best "
              "peer' is the faster of bf16 + compile and PT2E W8A8 + compile over the row's, in the same run "
              "(above 1: dq is faster). The first call of a compiled row includes its compile (inductor's disk "
@@ -238,6 +236,24 @@ def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> s
              "(`DQ_COMPILED_DTYPE=float32` to compare). The attention matmuls (q·kᵀ, P·v) run in float on "
              "the integer grid's values: torchao 0.18's int8 SDPA op has no CPU kernel in its wheel and torch "
              "has no batched int8 matmul on the CPU.", ""]
+    order = [*CELLS, *sorted({c for cells in ledger["cells"].values() for c in cells} - set(CELLS))]
+    for slug in sorted(ledger["cells"], key=lambda k: k != current):
+        info, cells = ledger["machines"].get(slug, {}), ledger["cells"][slug]
+        results = [cells[c] for c in order if c in cells]
+        amx = "AMX" if any(f.startswith("amx") for f in info.get("flags", [])) else "no AMX"
+        lines += [f"## {info.get('model', slug)} ({amx}){' — where this file was last written' if slug == current else ''}", "",
+                  f"CPU flags: {', '.join(info.get('flags', []))}; torch CPU capability "
+                  f"{info.get('torch_cpu_capability', '?')}, torch {info.get('torch', '?')}, "
+                  f"{results[0]['threads'] if results else '?'} threads. oneDNN kernels used (ONEDNN_VERBOSE): "
+                  + "; ".join(f"{k} → `{v}`" for k, v in info.get("onednn", {}).items()) + ".", ""]
+        lines += _cell_tables(results)
+        if ledger["fid"].get(slug):
+            lines += _fid_table(ledger["fid"][slug])
+    return "\n".join(lines) + "\n"
+
+
+def _cell_tables(results: list[dict]) -> list[str]:
+    lines = []
     for r in results:
         ms = r["ms"]
         best = min(ms[p] for p in PEERS if p in ms)
@@ -246,22 +262,25 @@ def report(info: dict, results: list[dict], fid: dict | None, folder: Path) -> s
                  "measured first and again last; ratios use the first. ")
         code = (r.get("code") or {}).get("commit")
         when = f"Measured {r['time']}" + (f" at dq `{code[:7]}`{'*' if r['code'].get('dirty') else ''}" if code else "") + ". "
-        lines += [f"## {r['arch']}, batch {r['batch']}", "", when + order, "", "| model | ms per call | × float32 | vs best peer | "
-                  "first call s | disk MB |", "|---|---|---|---|---|---|"]
+        lines += [f"### {r['arch']}, batch {r['batch']}", "", when + order, "", "| model | ms per call | × float32 | "
+                  "vs best peer | first call s | disk MB |", "|---|---|---|---|---|---|"]
         for name, v in ms.items():
             owners = [k for k in r["sizes_mb"] if name == k or name.startswith(k + " ")]  # the longest: its export
             size = f"{r['sizes_mb'][max(owners, key=len)]:.2f}" if owners else ""
             lines.append(f"| {name} | {v:.1f} | {ms['FP float32'] / v:.2f}× | {best / v:.2f}× | "
                          f"{r['first_call_s'][name]:.1f} | {size} |")
         lines.append("")
-    if fid:
-        lines += ["## Quality: the main job's students through each runtime", "",
-                  f"{fid[0]['num_samples']} images per row, each student's own sampler, the same seeds and noise for "
-                  "every runtime, digits features; sampling time includes the first call's compile.", "",
-                  "| student | runtime | FID | KID | IS | sampling s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {f['bits']} `{f['student']}` | {r['name']} | {r['fid']:.3f} | {r['kid']:.4f} | {r['is']:.2f} | "
-                  f"{r['seconds']:.1f} |" for f in fid for r in f["rows"]]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _fid_table(fid: list[dict]) -> list[str]:
+    lines = ["### Quality: the main job's students through each runtime", "",
+             f"{fid[0]['num_samples']} images per row, each student's own sampler, the same seeds and noise for "
+             "every runtime, digits features; sampling time includes the first call's compile.", "",
+             "| student | runtime | FID | KID | IS | sampling s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {f['bits']} `{f['student']}` | {r['name']} | {r['fid']:.3f} | {r['kid']:.4f} | {r['is']:.2f} | "
+              f"{r['seconds']:.1f} |" for f in fid for r in f["rows"]]
+    return lines + [""]
 
 
 def fid_rows(student_path: Path, n: int, runtimes: list[str]) -> dict:
@@ -332,9 +351,7 @@ def main() -> int:
         (folder / "fid.json").write_text(json.dumps(fid, indent=1))
     slug = cpu_slug(info)
     ledger = merge_ledger(a.out.with_name("runtime_cells.json"), slug, folder)
-    order = [*CELLS, *(c for c in a.cells if c not in CELLS)]
-    results = [ledger["cells"][slug][c] for c in order if c in ledger["cells"][slug]]
-    a.out.write_text(report(ledger["machines"][slug], results, ledger["fid"].get(slug), folder))
+    a.out.write_text(report(ledger, slug, folder))
     print(f"wrote {a.out}", file=sys.stderr)
     return 0
 
