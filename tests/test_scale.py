@@ -311,3 +311,36 @@ def test_dryrun_script_bad_preset_is_one_line():
                           text=True, timeout=120)
     assert proc.returncode == 2 and "sd21" in proc.stderr and "ddpm_cifar10, ldm_bedroom, sd15, dit_xl2" in proc.stderr
     assert len([l for l in proc.stderr.splitlines() if l.strip() and "torchao" not in l]) <= 2, proc.stderr
+
+
+@pytest.mark.parametrize("dim_head", [16, 32])
+def test_bf16_attention_runs_its_matmuls_in_bf16_for_wide_heads_only(dim_head, monkeypatch):
+    """A runtime computing in bf16 feeds the attention bf16 projections; the quantized q, k, v, P go back to
+    bf16 for the matmuls from BF16_MIN_HEAD_DIM on (float32 below), and the result stays within bf16 rounding."""
+    from diffusers.models.attention_processor import Attention
+
+    import dq.models.attention as qa
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=64, heads=2, dim_head=dim_head)
+    qa.install_quant_attention("attn", attn, a_bits=8, prob_bits=8, num_steps=1)
+    p = attn.processor
+    with torch.no_grad():
+        for quant in (p.q_quant, p.k_quant, p.v_quant):
+            quant.delta.fill_(0.02)
+            quant.zero_point.fill_(128)
+        for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+            lin.weight.copy_(lin.weight.bfloat16().float())
+            lin.bias.copy_(lin.bias.bfloat16().float()) if lin.bias is not None else None
+        x = torch.randn(2, 37, 64).bfloat16()
+        ref = attn(x.float())  # float32 all through
+        for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+            lin.to(torch.bfloat16)
+        seen = []
+        matmul = torch.matmul
+        monkeypatch.setattr(torch, "matmul", lambda a, b: seen.append((a.dtype, b.dtype)) or matmul(a, b))
+        out = attn(x)
+    wide = dim_head >= qa.BF16_MIN_HEAD_DIM
+    assert seen == [(torch.bfloat16 if wide else torch.float32,) * 2] * 2
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2

@@ -36,6 +36,12 @@ from dq.quant.quantizers import TemporalActQuantizer
 # 20.6 GB in distillation before this; docs/scale.md). Rows are independent (softmax and the per-head quantizer work
 # row-wise), so the result is the same up to the matmul kernel's blocking (tests/test_scale.py).
 SCORES_BYTES = 256 * 2**20
+# A runtime that computes in bfloat16 (dq.quant.compiled) gets q, k, v and P back in bfloat16 for the two matmuls,
+# which then run on bf16 kernels (AMX tiles where the CPU has them) instead of being promoted to float32 by the
+# float32 tables, for heads at least this wide: for 16-wide heads (the digits UNet) inductor's bf16 score
+# kernels measured slower than float32 ones (AMX Xeon, 2 threads: attention core 4.3 vs 3.7 ms; 256-wide heads
+# of ddpm_cifar10: 1.6 vs 3.7 ms).
+BF16_MIN_HEAD_DIM = 32
 
 
 def _rows(mask: Tensor | None, i: int, rows: int, n: int) -> Tensor | None:
@@ -132,6 +138,8 @@ class QuantAttnProcessor(nn.Module):
 
         dtype = query.dtype
         query, key, value = self._q(self.q_quant, query), self._q(self.k_quant, key), self._q(self.v_quant, value)
+        if dtype == torch.bfloat16 and head_dim >= BF16_MIN_HEAD_DIM:
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         if attn.upcast_attention:
             query, key = query.float(), key.float()
         n, s = query.shape[2], key.shape[2]
@@ -175,7 +183,7 @@ class QuantAttnProcessor(nn.Module):
         if attn.upcast_softmax:
             scores = scores.float()
         probs = self._q(self.prob_quant, scores.softmax(dim=-1).to(dtype))
-        return torch.matmul(probs, value)  # [B, H, n, d]
+        return torch.matmul(probs.to(value.dtype), value)  # [B, H, n, d]
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}"
