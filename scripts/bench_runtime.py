@@ -8,6 +8,7 @@ used. Written to docs/runtime.md.
     python scripts/bench_runtime.py                        # every cell (arch:batch) not measured yet on this CPU
     python scripts/bench_runtime.py --cells digits:250     # one cell
     python scripts/bench_runtime.py --fid outputs/.../student.safetensors   # FID of each runtime, 1,000 images
+    python scripts/bench_runtime.py --cells digits:250 --profile           # where a call's time goes, by kind of work
 
 Cells are resumable: each runs in its own process and writes benchmarks/runtime/<cpu>/<arch>_b<batch>.json;
 a cell already there is kept (--force measures it again), so an interrupted run continues where it stopped.
@@ -306,6 +307,52 @@ def fid_rows(student_path: Path, n: int, runtimes: list[str]) -> dict:
     return {"student": str(student_path), "bits": bits, "num_samples": n, "rows": rows}
 
 
+# What a profiled call's self time is spent on, by kind: inductor's fused kernels (named after the ops they fuse)
+# and the library ops the graph calls. Self time only, so nothing is counted twice.
+KINDS = (("graph_", "group_norm", "fused kernels with a GroupNorm (norm, SiLU, quantize, adds)"),
+         ("graph_", "softmax", "fused kernels with a softmax (attention scores, P quantizer)"),
+         ("graph_", "", "other fused kernels (quantize, upsample, residual, ...)"),
+         ("onednn::qconv", "", "int8 convolutions (oneDNN)"), ("onednn::qlinear", "", "int8 matmuls (oneDNN)"),
+         ("aten::mkldnn_convolution", "", "float / bf16 convolutions (oneDNN)"),
+         ("aten::_scaled_dot_product", "", "fused attention (SDPA)"), ("aten::bmm", "", "attention matmuls (bmm)"),
+         ("aten::addmm", "", "float matmuls"), ("aten::mm", "", "float matmuls"))
+
+
+def profile_rows(cell: str, names: list[str], calls: int = 3) -> str:
+    """Markdown tables: per row of ``cell``, ms per call by kind of work (torch.profiler over ``calls`` calls)."""
+    torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's kernels show up by name
+    arch, batch = cell.split(":")
+    teacher = teacher_of(arch)
+    x, t, cond = example(teacher, int(batch))
+    args = (x, t) if cond is None else (x, t, cond)
+    out = [f"## Where the time goes: {cell}, {cpu_info()['model']}, {torch.get_num_threads()} threads", ""]
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        builders, _ = rows_for(teacher, int(batch), cell == CELLS[0], Path(tmp))
+        unknown = [n for n in names if n not in builders]
+        if unknown:
+            raise DQError(f"--profile {unknown[0]!r}: not a row of {cell}; rows: {', '.join(builders)}")
+        for name in names:
+            f = builders[name]()
+            for _ in range(2):
+                f(*args)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(calls):
+                    f(*args)
+            spent: dict[str, float] = {}
+            for e in prof.key_averages():
+                kind = next((k for pre, sub, k in KINDS if e.key.startswith(pre) and sub in e.key),
+                            "framework and other ops")
+                spent[kind] = spent.get(kind, 0.0) + e.self_cpu_time_total / 1e3 / calls
+            total = sum(spent.values())
+            out += [f"### {name}: {total:.1f} ms of self time per call", "", "| kind of work | ms per call | share |",
+                    "|---|---|---|"]
+            out += [f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
+            out.append("")
+            del f
+            gc.collect()
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", nargs="+", default=list(CELLS), help=f"arch:batch, default {' '.join(CELLS)}")
@@ -317,6 +364,9 @@ def main() -> int:
     ap.add_argument("--fid-samples", type=int, default=1000)
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "runtime")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "runtime.md")
+    ap.add_argument("--profile", nargs="*", metavar="ROW", default=None,
+                    help="where the time goes: profile these rows of the first --cells cell (default: the two peers "
+                         "and dq W4A4 compiled) and print ms per call by kind of work; measures nothing else")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: measure one cell in this process
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -324,6 +374,9 @@ def main() -> int:
     folder = a.results / cpu_slug(info)
     if a.cell:
         run_cell(a.cell, a.repeats, folder / f"{a.cell.replace(':', '_b')}.json")
+        return 0
+    if a.profile is not None:
+        print(profile_rows(a.cells[0], a.profile or [*PEERS, "dq W4A4 compiled"]))
         return 0
     for cell in a.cells:
         arch, _, batch = cell.partition(":")
