@@ -329,9 +329,10 @@ def test_bf16_attention_runs_its_matmuls_in_bf16_for_wide_heads_only(dim_head, m
         for quant in (p.q_quant, p.k_quant, p.v_quant):
             quant.delta.fill_(0.02)
             quant.zero_point.fill_(128)
-        for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
-            lin.weight.copy_(lin.weight.bfloat16().float())
-            lin.bias.copy_(lin.bias.bfloat16().float()) if lin.bias is not None else None
+        for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):  # values bf16 holds exactly
+            for v in (lin.weight, lin.bias):
+                if v is not None:
+                    v.copy_(v.bfloat16().float())
         x = torch.randn(2, 37, 64).bfloat16()
         ref = attn(x.float())  # float32 all through
         for lin in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
