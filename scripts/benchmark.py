@@ -180,9 +180,23 @@ def branch_label(lowrank: dict | None) -> str:
 
 
 def code_label(rs: list[dict]) -> str:
-    """The dq commits a row's cells ran (short hashes, * = uncommitted changes), or 'earlier' where unrecorded."""
-    seen = sorted({(c["commit"][:7] + ("*" if c.get("dirty") else "")) if c.get("commit") else "earlier" for c in rs})
-    return ", ".join(seen)
+    """The dq commits a row's cells ran (short hashes, * = uncommitted changes), or 'earlier' where unrecorded,
+    each with the CPU it ran on where recorded."""
+    def one(c: dict) -> str:
+        code = (c["commit"][:7] + ("*" if c.get("dirty") else "")) if c.get("commit") else "earlier"
+        return f"{code} ({cpu_name(c)})" if c.get("cpu") else code
+    return ", ".join(sorted({one(c) for c in rs}))
+
+
+def cpu_name(cell: dict) -> str:
+    """The cell's CPU model, short ('AMD EPYC', 'Intel Xeon'), or '' where unrecorded."""
+    return (cell.get("cpu") or "").split(",")[0].replace("(R)", "").replace(" Processor", "")
+
+
+def paired_deltas(other: dict[int, dict], ref: dict[int, dict]) -> str:
+    """Per-seed FID differences other − ref; † marks a pair whose two cells ran on different CPUs."""
+    return ", ".join(f"{other[k]['fid'] - ref[k]['fid']:+.2f}" + ("†" if cpu_name(other[k]) != cpu_name(ref[k]) else "")
+                     for k in sorted(other.keys() & ref.keys()))
 
 
 def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
@@ -193,7 +207,8 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
     """
     lines = []
     for b in BITS:
-        ref = {r["seed"]: r["fid"] for r in cells.get(("dilatequant", b), [])}
+        ref_cells = {r["seed"]: r for r in cells.get(("dilatequant", b), [])}
+        ref = {k: r["fid"] for k, r in ref_cells.items()}
         if len(ref) < 2:
             continue
         lines += ["", f"### DilateQuant vs the others at {b.upper()} (FID; positive Δ = DilateQuant better)", "",
@@ -201,7 +216,8 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
         for m in METHODS:
             if m in ("dilatequant", "fp") or m in LEVERS:
                 continue
-            other = {r["seed"]: r["fid"] for r in cells.get((m, b), [])}
+            other_cells = {r["seed"]: r for r in cells.get((m, b), [])}
+            other = {k: r["fid"] for k, r in other_cells.items()}
             if len(other) < 2:
                 continue
             a, d = list(other.values()), list(ref.values())
@@ -209,14 +225,16 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
             spread = statistics.stdev(a) + statistics.stdev(d)
             verdict = ("DilateQuant better, beyond spread" if delta > spread else
                        "DilateQuant worse, beyond spread" if delta < -spread else "within seed spread")
-            paired = ", ".join(f"{other[k] - ref[k]:+.2f}" for k in sorted(other.keys() & ref.keys()))
-            lines.append(f"| {m} | {mean_std(a)} | {mean_std(d)} | {delta:+.2f} | {paired} | {verdict} |")
+            lines.append(f"| {m} | {mean_std(a)} | {mean_std(d)} | {delta:+.2f} | {paired_deltas(other_cells, ref_cells)} "
+                         f"| {verdict} |")
     if lines:
         lines.insert(0, "\n## DilateQuant against each baseline and ablation\n\n\"Beyond spread\": the means "
                         "differ by more than the sum of the two seed standard deviations. `dilatequant` (and its "
                         "no_wd / no_tpq / no_bkd / table ablations) carries DilateQuant's own float low-rank branch "
                         "on the skip shortcuts, svdquant its branch on every layer, the other methods none; the "
-                        "same recipe without the branch is `dilatequant_no_lowrank` (section Levers).")
+                        "same recipe without the branch is `dilatequant_no_lowrank` (section Levers). † after a "
+                        "per-seed Δ: its two cells ran on different CPUs, so the pair shares its seed but not its "
+                        "rounding (another CPU gives another student for a seed).")
     return lines
 
 
@@ -335,7 +353,7 @@ def report(runs: Path, out_md: Path, command: str) -> None:
              "'float branch': SVDQuant's low-rank branch where the student has one — its rank, the layers that "
              "carry it, its multiply-accumulates over those layers' own (per output position) and its float "
              "parameters (the quantized weights of the digits UNet: 1.1M).", "",
-             "| method | bits | seeds | FID | KID | IS | float branch | wall s | peak MB | code |",
+             "| method | bits | seeds | FID | KID | IS | float branch | wall s | peak MB | code (CPU) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         for b in (["fp"] if m == "fp" else BITS):

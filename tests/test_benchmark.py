@@ -102,3 +102,15 @@ def test_levers_are_paired_against_their_own_base_and_kept_out_of_the_forms_tabl
     shared = rows["dilatequant_no_tpq_a8_shortcuts"].split(" | ")
     assert shared[1] == "dilatequant_no_tpq" and shared[6] == "-0.50" and shared[8].rstrip(" |") == "–"  # 1 seed
     assert not any("a8_shortcuts" in line for line in tpq_forms(cells))
+
+
+def test_pairs_whose_cells_ran_on_different_cpus_are_marked():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark import code_label, comparison
+    epyc, xeon = "AMD EPYC, 2 threads", "Intel(R) Xeon(R) Processor, 2 threads"
+    dq = [{"fid": 2.0, "seed": 0, "cpu": epyc, "commit": "a" * 40}, {"fid": 2.2, "seed": 1, "cpu": epyc, "commit": "a" * 40}]
+    other = [{"fid": 3.0, "seed": 0, "cpu": xeon, "commit": "b" * 40}, {"fid": 3.0, "seed": 1, "cpu": epyc}]
+    rows = {line.split(" | ")[0].strip("| "): line for line in comparison({("dilatequant", "w4a4"): dq,
+                                                                         ("ptq", "w4a4"): other}) if line.startswith("| ")}
+    assert "+1.00†, +0.80 |" in rows["ptq"]
+    assert code_label(other) == "bbbbbbb (Intel Xeon), earlier (AMD EPYC)"
