@@ -194,9 +194,11 @@ def cpu_name(cell: dict) -> str:
 
 
 def paired_deltas(other: dict[int, dict], ref: dict[int, dict]) -> str:
-    """Per-seed FID differences other − ref; † marks a pair whose two cells ran on different CPUs."""
-    return ", ".join(f"{other[k]['fid'] - ref[k]['fid']:+.2f}" + ("†" if cpu_name(other[k]) != cpu_name(ref[k]) else "")
-                     for k in sorted(other.keys() & ref.keys()))
+    """Per-seed FID differences other − ref; † marks a pair whose two cells ran on different CPUs, ? one where a
+    cell did not record its CPU."""
+    def mark(a: dict, b: dict) -> str:
+        return "?" if not (cpu_name(a) and cpu_name(b)) else "†" if cpu_name(a) != cpu_name(b) else ""
+    return ", ".join(f"{other[k]['fid'] - ref[k]['fid']:+.2f}{mark(other[k], ref[k])}" for k in sorted(other.keys() & ref.keys()))
 
 
 def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
@@ -234,7 +236,7 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
                         "on the skip shortcuts, svdquant its branch on every layer, the other methods none; the "
                         "same recipe without the branch is `dilatequant_no_lowrank` (section Levers). † after a "
                         "per-seed Δ: its two cells ran on different CPUs, so the pair shares its seed but not its "
-                        "rounding (another CPU gives another student for a seed).")
+                        "rounding (another CPU gives another student for a seed); ? : one of the two cells did not record its CPU.")
     return lines
 
 
