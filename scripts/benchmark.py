@@ -379,9 +379,9 @@ def report(runs: Path, out_md: Path, command: str) -> None:
     else:
         lines += ["", f"Protocol (extra overrides on every cell): `{protocols[0] if protocols else 'defaults'}`."]
     lines += comparison(cells) + tpq_forms(cells) + levers(cells) + scaling_effect(cells)
-    if VARIANTS:
-        lines += ["", "Variants: " + "; ".join(f"`{k}` = `method={v[0]} {' '.join(v[1])}`"
-                                               for k, v in VARIANTS.items() if any(m == k for m, _ in cells)) + "."]
+    used = [f"`{k}` = `method={v[0]} {' '.join(v[1])}`" for k, v in VARIANTS.items() if any(m == k for m, _ in cells)]
+    if used:
+        lines += ["", "Variants: " + "; ".join(used) + "."]
     earlier = out_md.with_name("results_earlier.md")
     if earlier.is_file():
         lines += ["", f"History only, not current: [{earlier.name}]({earlier.name}) holds numbers measured with code "
