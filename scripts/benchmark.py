@@ -209,8 +209,7 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
     """
     lines = []
     for b in BITS:
-        ref_cells = {r["seed"]: r for r in cells.get(("dilatequant", b), [])}
-        ref = {k: r["fid"] for k, r in ref_cells.items()}
+        ref = {r["seed"]: r for r in cells.get(("dilatequant", b), [])}
         if len(ref) < 2:
             continue
         lines += ["", f"### DilateQuant vs the others at {b.upper()} (FID; positive Δ = DilateQuant better)", "",
@@ -218,16 +217,15 @@ def comparison(cells: dict[tuple[str, str], list[dict]]) -> list[str]:
         for m in METHODS:
             if m in ("dilatequant", "fp") or m in LEVERS:
                 continue
-            other_cells = {r["seed"]: r for r in cells.get((m, b), [])}
-            other = {k: r["fid"] for k, r in other_cells.items()}
+            other = {r["seed"]: r for r in cells.get((m, b), [])}
             if len(other) < 2:
                 continue
-            a, d = list(other.values()), list(ref.values())
+            a, d = [r["fid"] for r in other.values()], [r["fid"] for r in ref.values()]
             delta = statistics.mean(a) - statistics.mean(d)
             spread = statistics.stdev(a) + statistics.stdev(d)
             verdict = ("DilateQuant better, beyond spread" if delta > spread else
                        "DilateQuant worse, beyond spread" if delta < -spread else "within seed spread")
-            lines.append(f"| {m} | {mean_std(a)} | {mean_std(d)} | {delta:+.2f} | {paired_deltas(other_cells, ref_cells)} "
+            lines.append(f"| {m} | {mean_std(a)} | {mean_std(d)} | {delta:+.2f} | {paired_deltas(other, ref)} "
                          f"| {verdict} |")
     if lines:
         lines.insert(0, "\n## DilateQuant against each baseline and ablation\n\n\"Beyond spread\": the means "
