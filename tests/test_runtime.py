@@ -1,5 +1,6 @@
 """The fast runtime: compiled int8 layers agree with the fake-quant reference per layer and per table row,
 the runtime is picked by what the machine has, and a tampered export fails on load in one line."""
+import copy
 import json
 import logging
 
@@ -10,7 +11,9 @@ from dq.errors import DQError
 from dq.models import export as export_mod
 from dq.models.export import export_student, load_export
 from dq.models.load import build_arch
+from dq.quant.compiled import shared_knots
 from dq.quant.int8 import Int8Conv2d, Int8Linear, available
+from dq.quant.knots import KnotActQuantizer
 from dq.quant.prepare import rows_of
 from test_export import _student, layer_io
 
@@ -73,6 +76,19 @@ def test_compiled_model_serves_every_step_and_mixed_batches(exported, monkeypatc
             assert float((a - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
         # a batch that mixes steps runs the same int8 layers, each step's samples with its row
         assert torch.equal(fast.family.forward(fast.denoiser, x, t), eager.family.forward(eager.denoiser, x, t))
+    knotted = [m for m in fast.denoiser.modules() if isinstance(m, KnotActQuantizer)]
+    assert knotted and all(m.shared_hat for m in knotted)  # the graph computed one set of knot weights per call
+    assert fast.denoiser.dq_step_index.hat is None  # and left none behind for an eager call
+
+
+def test_knot_weights_are_shared_only_where_every_quantizer_has_the_same_knots(exported):
+    student, _, _ = exported
+    model = copy.deepcopy(student.denoiser)
+    knotted = [m for m in model.modules() if isinstance(m, KnotActQuantizer)]
+    assert torch.equal(shared_knots(model), knotted[0].knot_t) and all(m.shared_hat for m in knotted)
+    with torch.no_grad():
+        knotted[-1].knot_t[1] += 1
+    assert shared_knots(model) is None and not any(m.shared_hat for m in knotted)
 
 
 def test_auto_picks_what_the_machine_supports_and_says_so(exported, monkeypatch, caplog):

@@ -22,19 +22,37 @@ import torch
 from torch import Tensor, nn
 
 from dq.quant.int8 import _Int8Base
+from dq.quant.knots import KnotActQuantizer, hat_weights
 
 
 class _Step(nn.Module):
-    """The traced unit: (row, the model's arguments) → its output."""
+    """The traced unit: (row, the model's arguments) → its output. ``knots``: the knots every KnotActQuantizer
+    of the model shares (their interpolation weights are computed once per call, not once per quantizer), or None."""
 
-    def __init__(self, model: nn.Module, forward: Callable[..., Any]) -> None:
+    def __init__(self, model: nn.Module, forward: Callable[..., Any], knots: Tensor | None) -> None:
         super().__init__()
         self.model = model
         self.eager = forward
+        self.knots = knots
 
     def forward(self, row: Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.model.dq_step_index.current = row  # what the pre-forward hook set, now a graph input
-        return self.eager(*args, **kwargs)
+        si = self.model.dq_step_index
+        si.current = row  # what the pre-forward hook set, now a graph input
+        if self.knots is not None:
+            si.hat = hat_weights(self.knots, si.timesteps[row])
+        out = self.eager(*args, **kwargs)
+        si.hat = None
+        return out
+
+
+def shared_knots(model: nn.Module) -> Tensor | None:
+    """The knots of the model's KnotActQuantizers when they all have the same ones (then marked to read
+    ``StepIndex.hat``); None otherwise (each computes its own weights)."""
+    knotted = [m for m in model.modules() if isinstance(m, KnotActQuantizer)]
+    shared = bool(knotted) and all(torch.equal(m.knot_t, knotted[0].knot_t) for m in knotted)
+    for m in knotted:
+        m.shared_hat = shared
+    return knotted[0].knot_t if shared else None
 
 
 def _as_float(out: Any) -> Any:
@@ -62,7 +80,7 @@ class CompiledForward:
         t = self.model.dq_step_index.timesteps  # tables moved to another schedule (retarget): trace again
         key = (t.data_ptr(), t._version, t.numel())
         if self._graph is None or key != self._key:
-            self._graph = torch.compile(_Step(self.model, self.eager))
+            self._graph = torch.compile(_Step(self.model, self.eager, shared_knots(self.model)))
             self._key = key
         return self._graph
 
@@ -71,8 +89,11 @@ class CompiledForward:
         if rows is not None and rows.numel() > 1:
             return _as_float(self.eager(*args, **kwargs))
         row = torch.zeros(1, dtype=torch.long) if rows is None else rows.reshape(1)
-        with torch.no_grad():
-            return _as_float(self._compiled()(row, *args, **kwargs))
+        try:
+            with torch.no_grad():
+                return _as_float(self._compiled()(row, *args, **kwargs))
+        finally:
+            self.model.dq_step_index.hat = None  # also when the call failed: the next call must not read it
 
 
 def compile_int8(model: nn.Module, dtype: torch.dtype = torch.float32) -> CompiledForward:

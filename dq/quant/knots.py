@@ -62,6 +62,9 @@ class KnotActQuantizer(TemporalActQuantizer):
         self.register_buffer("knot_t", knots.double().clone())
         self.log_scale = nn.Parameter(torch.zeros(shape))
         self.zp_offset = nn.Parameter(torch.zeros(shape))
+        # whether this quantizer's knots are those of ``StepIndex.hat`` (set by a runtime that computes the
+        # weights once per call for every quantizer; dq.quant.compiled)
+        self.shared_hat = False
 
     @property
     def num_knots(self) -> int:
@@ -80,7 +83,9 @@ class KnotActQuantizer(TemporalActQuantizer):
         base_d = self.delta.clamp_min(DELTA_MIN)
         if rows is None:
             return base_d[:1], self.zero_point[:1]
-        w = hat_weights(self.knot_t, self._raw_t(rows)).to(self.log_scale.dtype)  # [B', K]
+        si = self._step_index
+        w = si.hat if self.shared_hat and si is not None and si.hat is not None else hat_weights(self.knot_t, self._raw_t(rows))
+        w = w.to(self.log_scale.dtype)  # [B', K]
         return base_d * torch.exp(w @ self.log_scale), self.zero_point + w @ self.zp_offset  # [B'] or [B', H]
 
     def _log_curve(self) -> tuple[Tensor, Tensor]:

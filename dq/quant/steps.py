@@ -27,6 +27,8 @@ class StepIndex(nn.Module):
         timesteps: buffer LongTensor [T].
         current: LongTensor [B] (or [1], broadcast over the batch) of rows for the forward pass
             in progress, or None outside of one. Not part of the state_dict.
+        hat: the interpolation weights [1, K] of ``current`` at the knots every KnotActQuantizer of the
+            model shares, when a runtime computed them once for the call (dq.quant.compiled); else None.
     """
 
     def __init__(self, timesteps: Sequence[int] | Tensor, map_calls: bool = True) -> None:
@@ -41,6 +43,7 @@ class StepIndex(nn.Module):
             )
         self.register_buffer("timesteps", t)
         self.current: Tensor | None = None
+        self.hat: Tensor | None = None
         self._saved: list[Tensor | None] = []
 
     def __len__(self) -> int:
