@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dq.quant.int8 import _Int8Base
+from dq.quant.int8 import Int8Layer, _Int8Base
 from dq.quant.knots import KnotActQuantizer, hat_weights
 
 
@@ -104,6 +104,8 @@ def compile_int8(model: nn.Module, dtype: torch.dtype = torch.float32) -> Compil
     for m in model.modules():
         if isinstance(m, _Int8Base):
             m.out_dtype = dtype
+        if isinstance(m, Int8Layer) and m.lowrank:  # the float branch's weights in that dtype once, not per call
+            m.down, m.up = m.down.to(dtype), m.up.to(dtype)
     fwd = CompiledForward(model, model.forward, dtype)
     model.forward = fwd
     return fwd

@@ -253,20 +253,21 @@ class Int8Layer(nn.Module):
         self.lowrank = bool(layer.lowrank_rank)
         self._conv = ((list(layer.stride), list(layer.padding), list(layer.dilation))
                       if isinstance(layer, QuantConv2d) else None)
-        for k, v in {"down": layer.lowrank_down if self.lowrank else None,
-                     "up": layer.lowrank_up if self.lowrank else None, "scale": layer.input_scale}.items():
-            self.register_buffer(k, None if v is None else v.detach().float(), persistent=False)
+        down = None
+        if self.lowrank:  # A·(x·s) = (A·s)·x: Weight Dilation's input scale folded into A, no pass over x
+            shape = [1] * layer.lowrank_down.dim()
+            shape[1] = -1
+            down = layer.lowrank_down.detach().float() * layer.input_scale.detach().float().view(shape)
+        for k, v in {"down": down, "up": layer.lowrank_up.detach().float() if self.lowrank else None}.items():
+            self.register_buffer(k, v, persistent=False)
 
     @property
     def out_dtype(self) -> torch.dtype:
         return self.kernels[0].out_dtype
 
     def _branch(self, x: Tensor) -> Tensor:
-        """B·(A·(x · input_scale)) in the kernels' output dtype."""
-        shape = [1] * x.dim()
-        shape[self._axis] = -1
-        x = (x * self.scale.view(shape)).to(self.out_dtype)
-        down, up = self.down.to(self.out_dtype), self.up.to(self.out_dtype)
+        """B·(A·(x · input_scale)) in the kernels' output dtype (no-op casts once the runtime cast A and B)."""
+        x, down, up = x.to(self.out_dtype), self.down.to(self.out_dtype), self.up.to(self.out_dtype)
         if self._conv is not None:
             return F.conv2d(F.conv2d(x, down, None, *self._conv), up[:, :, None, None])
         return F.linear(F.linear(x, down), up)
