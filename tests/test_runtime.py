@@ -203,3 +203,16 @@ def test_bench_runtime_ledger_keeps_cells_of_earlier_runs_and_takes_new_ones_ove
     assert merged["cells"]["cpu"] == {"digits:1": old, "digits:250": new} and merged["machines"]["cpu"] == {"model": "Y"}
     assert merged["fid"]["cpu"] == [{"student": "a", "rows": [1]}, {"student": "b", "rows": [3]}]
     assert json.loads(ledger.read_text()) == merged  # written back
+
+
+@needs_int8
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 2)])
+def test_the_offset_window_sum_is_the_ones_convolution_exactly(stride, padding, dilation):
+    """An 8-bit-weight conv adds o[c]·Σ(x_q − zx) over each output's window: a sum pool stands for the ones
+    convolution (a dilated conv keeps the convolution); both exact on integers."""
+    from dq.quant.layers import QuantConv2d
+    conv = QuantConv2d.from_float(torch.nn.Conv2d(8, 4, 3, stride, padding, dilation), w_bits=8, a_bits=8)
+    kernel = Int8Conv2d(conv)
+    s = torch.randint(-255 * 8, 255 * 8, (2, 1, 11, 11)).float()
+    want = torch.nn.functional.conv2d(s, torch.ones(1, 1, 3, 3), None, stride, padding, dilation)
+    assert torch.equal(kernel._window_sum(s), want)
