@@ -107,11 +107,18 @@ def code_version() -> dict:
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        return {"commit": head.stdout.strip(), "dirty": tree_dirty(root)}
+    except (OSError, subprocess.SubprocessError):  # no git, a timeout, a failed status
         return {"commit": None, "dirty": None}
-    if head.returncode != 0:
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def tree_dirty(root: Path) -> bool:
+    """Whether tracked files under ``root`` differ from HEAD. Documentation (``docs/``, ``*.md``) does not count:
+    it cannot change a result, and the benchmarks write their reports there (a chain of bench runs would
+    otherwise mark every run after the first)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs",
+                          ":(exclude)*.md"], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+    return bool(out.stdout.strip())
 

@@ -225,7 +225,8 @@ def report(ledger: dict, current: str, folder: Path) -> str:
              f"Written by `python scripts/bench_runtime.py` from the cells recorded in `docs/runtime_cells.json` "
              f"(this CPU's cells under `{where}/` written over it; one process per cell), one section per CPU: a "
              "ranking can flip with the CPU (AMX tiles or not). Each cell names when and on which dq commit it was "
-             "measured: compare rows within a cell, not across cells or CPUs.", "",
+             "measured (`abc1234`*: with uncommitted code changes; documentation changes do not count): compare "
+             "rows within a cell, not across cells or CPUs.", "",
              "One denoiser call, median of interleaved rounds; × is float32's time over the row's, and 'vs best "
              "peer' is the faster of bf16 + compile and PT2E W8A8 + compile over the row's, in the same run "
              "(above 1: dq is faster). The first call of a compiled row includes its compile (inductor's disk "
@@ -261,8 +262,7 @@ def _cell_tables(results: list[dict]) -> list[str]:
         order = ("" if r.get("order", "interleaved") == "interleaved" else
                  "Rows measured one after another (the model's copies do not fit in memory together), float32 "
                  "measured first and again last; ratios use the first. ")
-        code = (r.get("code") or {}).get("commit")
-        when = f"Measured {r['time']}" + (f" at dq `{code[:7]}`{'*' if r['code'].get('dirty') else ''}" if code else "") + ". "
+        when = f"Measured {r['time']} at dq {_code(r)}. "
         lines += [f"### {r['arch']}, batch {r['batch']}", "", when + order, "", "| model | ms per call | × float32 | "
                   "vs best peer | first call s | disk MB |", "|---|---|---|---|---|---|"]
         for name, v in ms.items():
@@ -274,13 +274,19 @@ def _cell_tables(results: list[dict]) -> list[str]:
     return lines
 
 
+def _code(record: dict) -> str:
+    """`commit` of a record (* where the tree had code changes), or "not recorded" (records before 2026-12-07)."""
+    code = record.get("code") or {}
+    return f"`{code['commit'][:7]}`{'*' if code.get('dirty') else ''}" if code.get("commit") else "not recorded"
+
+
 def _fid_table(fid: list[dict]) -> list[str]:
     lines = ["### Quality: the main job's students through each runtime", "",
              f"{fid[0]['num_samples']} images per row, each student's own sampler, the same seeds and noise for "
              "every runtime, digits features; sampling time includes the first call's compile.", "",
-             "| student | runtime | FID | KID | IS | sampling s |", "|---|---|---|---|---|---|"]
+             "| student | runtime | FID | KID | IS | sampling s | dq |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {f['bits']} `{f['student']}` | {r['name']} | {r['fid']:.3f} | {r['kid']:.4f} | {r['is']:.2f} | "
-              f"{r['seconds']:.1f} |" for f in fid for r in f["rows"]]
+              f"{r['seconds']:.1f} | {_code(f)} |" for f in fid for r in f["rows"]]
     return lines + [""]
 
 
@@ -304,7 +310,8 @@ def fid_rows(student_path: Path, n: int, runtimes: list[str]) -> dict:
             row = evaluate_models(p, model, {runtime: model.denoiser}, Path(tmp) / runtime)["rows"][0]
             rows.append({**row, "seconds": time.perf_counter() - t0})
     bits = f"W{meta['quant']['w_bits']}A{meta['quant']['a_bits']}"
-    return {"student": str(student_path), "bits": bits, "num_samples": n, "rows": rows}
+    return {"student": str(student_path), "bits": bits, "num_samples": n, "rows": rows,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version()}
 
 
 # What a profiled call's self time is spent on, by kind: inductor's fused kernels (named after the ops they fuse)

@@ -116,3 +116,21 @@ def test_pairs_whose_cells_ran_on_different_cpus_are_marked():
     assert code_label(other) == "bbbbbbb (Intel Xeon), earlier"
     assert "+1.00, +0.80 |" in comparison({("dilatequant", "w4a4"): dq, ("ptq", "w4a4"): [
         {**c, "cpu": epyc} for c in other]})[-1]  # the same CPU: no mark
+
+
+def test_a_result_is_marked_dirty_by_changed_code_not_by_changed_docs(tmp_path):
+    from dq.machine import tree_dirty
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "docs").mkdir()
+    for f in ("docs/runtime.md", "README.md", "code.py"):
+        (tmp_path / f).write_text("a\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    assert not tree_dirty(tmp_path)
+    (tmp_path / "docs/runtime.md").write_text("b\n")  # what a benchmark writes
+    (tmp_path / "README.md").write_text("b\n")
+    (tmp_path / "new.py").write_text("untracked\n")
+    assert not tree_dirty(tmp_path)
+    (tmp_path / "code.py").write_text("b\n")
+    assert tree_dirty(tmp_path)
