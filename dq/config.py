@@ -18,6 +18,7 @@ from dq.distill.bkd import DistillConfig
 from dq.errors import DQError, choice_error
 from dq.metrics.callbacks import CallbacksConfig
 from dq.metrics.image_metrics import MetricsConfig
+from dq.models.export import RUNTIMES
 from dq.models.load import ModelConfig
 from dq.models.sampling import SamplerConfig
 from dq.quant.config import QuantSpec
@@ -105,10 +106,11 @@ def check(cfg: DictConfig) -> None:
     """Build every typed group of a composed config, so a bad value fails before any work."""
     if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
         raise DQError(f"seed={cfg.get('seed')!r} must be an integer")
-    if "runtime" in cfg:
-        from dq.models.export import RUNTIMES
-        if cfg.runtime not in RUNTIMES:
-            raise choice_error("runtime", cfg.runtime, RUNTIMES)
+    if "runtime" in cfg and cfg.runtime not in RUNTIMES:
+        raise choice_error("runtime", cfg.runtime, RUNTIMES)
+    fast = cfg.get("task", {}).get("student_runtime", "reference")
+    if fast not in RUNTIMES:
+        raise choice_error("task.student_runtime", fast, RUNTIMES)
     for group in [*(g for g in GROUPS if g != "paths"), "method", "task"]:  # paths resolve only under hydra
         if group in cfg and OmegaConf.get_type(cfg, group) not in (dict, None):
             typed(cfg, group)

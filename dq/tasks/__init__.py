@@ -16,6 +16,7 @@ class QuantizeTask:
     batch_size: int = 250
     floor: bool = True
     compare_fp: bool = True    # also sample the FP teacher (false: student only, e.g. benchmark cells)
+    student_runtime: str = "reference"  # also sample the student's export on this runtime (auto | int8 | compiled)
     grid: int = 64
     guidance_scale: float = 1.0  # classifier-free guidance when sampling (conf: ${calib.guidance_scale})
     resume: Optional[str] = None  # a checkpoints/last.ckpt of an interrupted run

@@ -35,6 +35,7 @@ from dq.metrics.grid import side_by_side_png
 from dq.models.blocks import select_blocks
 from dq.models.checkpoint import save_student
 from dq.models.conditioning import check_guidance, conditioning_notes, prompt_of, standin
+from dq.models.export import export_from_checkpoint, load_export
 from dq.models.load import DiffusionModel
 from dq.models.sampling import sampler_timesteps
 from dq import allocator
@@ -141,6 +142,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 models = {"student": student.model}
             if student.model is not None:  # Lightning hands the trained student back on the CPU
                 student.model.to(teacher.device)
+                if cfg.task.student_runtime != "reference":
+                    with phases("export"):
+                        name, fast = fast_student(out, str(cfg.task.student_runtime), teacher.device)
+                    models[name] = fast
             with phases("evaluation"):
                 ev = evaluate_models(p, teacher, models, out, prompts=prompt_of(teacher, torch.arange(p.num_samples)))
             print(format_table(ev["rows"]))
@@ -163,6 +168,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"bits": results["bits"], **results.get("summary", {}), "wall_seconds": results["wall_seconds"]}
     finally:
         finish_logger(logger)
+
+
+def fast_student(out: Path, runtime: str, device: torch.device) -> tuple[str, torch.nn.Module]:
+    """(``student_<runtime>``, the denoiser of the saved student's export on ``runtime``), sampled beside the
+    fake-quant student with the same seeds: the speed and quality a deployment of it gets."""
+    if device.type != "cpu":
+        raise DQError(f"task.student_runtime={runtime}: the integer runtimes run on the CPU and this job samples "
+                      f"on {device}; use task.student_runtime=reference (eval.py ckpt_path=<export> on a CPU)")
+    fast, qc = load_export(export_from_checkpoint(out / STUDENT_FILE, out / "export"), runtime)
+    return f"student_{qc['runtime']}", fast.denoiser
 
 
 def log_eval(logger: Any, ev: dict[str, Any], out: Path, student: Student) -> None:
