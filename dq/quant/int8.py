@@ -200,7 +200,6 @@ class Int8Conv2d(_Int8Base):
         # oneDNN writes channels-last: eager GroupNorm and friends are slow on it, compiled kernels are not
         return y if torch.compiler.is_compiling() else y.contiguous()
 
-
     def _window_sum(self, s: Tensor) -> Tensor:
         """Σ of s [N, 1, H, W] over each output position's window (zero padding): exact for integer values
         below 2^24. A sum pool (one fused pass when compiled); a one-channel convolution with a ones kernel

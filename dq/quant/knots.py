@@ -83,8 +83,9 @@ class KnotActQuantizer(TemporalActQuantizer):
         base_d = self.delta.clamp_min(DELTA_MIN)
         if rows is None:
             return base_d[:1], self.zero_point[:1]
-        si = self._step_index
-        w = si.hat if self.shared_hat and si is not None and si.hat is not None else hat_weights(self.knot_t, self._raw_t(rows))
+        si = self._step_index  # the call's weights, when a runtime computed them once for every quantizer
+        shared = si.hat if self.shared_hat and si is not None else None
+        w = hat_weights(self.knot_t, self._raw_t(rows)) if shared is None else shared
         w = w.to(self.log_scale.dtype)  # [B', K]
         return base_d * torch.exp(w @ self.log_scale), self.zero_point + w @ self.zp_offset  # [B'] or [B', H]
 
