@@ -12,7 +12,7 @@ from dq.models import export as export_mod
 from dq.models.export import export_student, load_export
 from dq.models.load import build_arch
 from dq.quant.compiled import shared_knots
-from dq.quant.int8 import Int8Conv2d, Int8Linear, available
+from dq.quant.int8 import Int8Conv2d, Int8Linear, available, int8_weight
 from dq.quant.knots import KnotActQuantizer
 from dq.quant.prepare import rows_of
 from test_export import _student, layer_io
@@ -39,7 +39,7 @@ def test_compiled_layers_agree_with_reference_per_layer_on_every_row_of_a_mixed_
     for n, m in mods.items():
         if isinstance(m, Int8Conv2d) and m.input_scale is not None:
             picked.setdefault("conv, input scale", n)
-        if isinstance(m, Int8Conv2d) and m.offset is not None:
+        if isinstance(m, Int8Conv2d) and m.halved:
             picked.setdefault("conv, 8-bit weights", n)
         if isinstance(m, Int8Linear):
             picked.setdefault("linear", n)
@@ -205,14 +205,17 @@ def test_bench_runtime_ledger_keeps_cells_of_earlier_runs_and_takes_new_ones_ove
     assert json.loads(ledger.read_text()) == merged  # written back
 
 
-@needs_int8
-@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 2)])
-def test_the_offset_window_sum_is_the_ones_convolution_exactly(stride, padding, dilation):
-    """An 8-bit-weight conv adds o[c]·Σ(x_q − zx) over each output's window: a sum pool stands for the ones
-    convolution (a dilated conv keeps the convolution); both exact on integers."""
-    from dq.quant.layers import QuantConv2d
-    conv = QuantConv2d.from_float(torch.nn.Conv2d(8, 4, 3, stride, padding, dilation), w_bits=8, a_bits=8)
-    kernel = Int8Conv2d(conv)
-    s = torch.randint(-255 * 8, 255 * 8, (2, 1, 11, 11)).float()
-    want = torch.nn.functional.conv2d(s, torch.ones(1, 1, 3, 3), None, stride, padding, dilation)
-    assert torch.equal(kernel._window_sum(s), want)
+def test_wide_integer_weights_run_as_two_exact_int8_halves():
+    """8-bit weights less their zero point span [−255, 255]: the kernel gets [W_hi; W_lo] with 16·W_hi + W_lo = W,
+    both int8; weights that fit int8 stay as they are; wider than two halves hold is refused in one line."""
+    w = torch.randint(-255, 256, (6, 5, 3, 3))
+    w[0, 0, 0, 0], w[1, 0, 0, 0] = 255, -255
+    w8, halved = int8_weight(w)
+    assert halved and w8.dtype == torch.int8 and w8.shape == (12, 5, 3, 3)
+    hi, lo = w8.long().chunk(2)
+    assert torch.equal(16 * hi + lo, w) and int(lo.abs().max()) <= 8
+    small = torch.randint(-128, 128, (4, 7))
+    w8, halved = int8_weight(small)
+    assert not halved and torch.equal(w8.long(), small)
+    with pytest.raises(ValueError, match="up to ±2040 do not fit two int8 halves"):
+        int8_weight(torch.tensor([[2040, 0]]))
