@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from dq import allocator
 from dq.errors import DQError, run_script
 from dq.machine import code_version, cpu as cpu_info, onednn_isa, slug as cpu_slug
 from dq.models.conditioning import cond_fn_for
@@ -213,7 +214,8 @@ def run_cell(cell: str, repeats: int, out: Path) -> None:
     result = {"cell": cell, "arch": arch, "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats,
               "order": "sequential" if sequential else "interleaved",
               "ms": {k: statistics.median(v) for k, v in times.items()}, "first_call_s": first, "sizes_mb": sizes,
-              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version()}
+              "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(),
+              "allocator": allocator.STATE}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
 
@@ -226,7 +228,9 @@ def report(ledger: dict, current: str, folder: Path) -> str:
              f"(this CPU's cells under `{where}/` written over it; one process per cell), one section per CPU: a "
              "ranking can flip with the CPU (AMX tiles or not). Each cell names when and on which dq commit it was "
              "measured (`abc1234`*: with uncommitted code changes; documentation changes do not count): compare "
-             "rows within a cell, not across cells or CPUs.", "",
+             "rows within a cell, not across cells or CPUs. Cells measured from 2026-12-07 16:00 run with dq's glibc "
+             "malloc settings (dq/allocator.py) for every row alike: freed memory is reused instead of page-faulted "
+             "in afresh, which made a row's time depend on the heap's history.", "",
              "One denoiser call, median of interleaved rounds; × is float32's time over the row's, and 'vs best "
              "peer' is the faster of bf16 + compile and PT2E W8A8 + compile over the row's, in the same run "
              "(above 1: dq is faster). The first call of a compiled row includes its compile (inductor's disk "
@@ -377,6 +381,10 @@ def main() -> int:
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: measure one cell in this process
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    # every row alike: freed memory is reused instead of page-faulted in afresh. Without it a row's time
+    # depended on the heap's history (bf16 + compile on digits b250: 74 ms alone in a process, 56 ms as one row
+    # of a cell) more than on its kernels
+    allocator.tune()
     info = cpu_info()
     folder = a.results / cpu_slug(info)
     if a.cell:
