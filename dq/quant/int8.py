@@ -210,8 +210,8 @@ class Int8Linear(_Int8Base):
     """QuantLinear run as u8 × s8 oneDNN matmul; input [..., C_in].
 
     The activation zero point is taken out of the kernel: Σ(x_q − zx)·W = Σ x_q·W − zx·ΣW, and the second term,
-    one value per output channel, goes into the bias. oneDNN's matmul with a zero point takes a slow path (a
-    [16000, 64] × [64, 64] call: 325 vs 110 µs, AMX Xeon; its convolutions show no such gap)."""
+    one value per output channel, goes into the bias. oneDNN's matmul with a zero point can take a slower path
+    (a [16000, 64] × [64, 64] call: 325 vs 110 µs in one microbenchmark, 334 vs 314 in a noisier one; AMX Xeon)."""
 
     def __init__(self, layer: QuantLinear, act: TemporalActQuantizer | None = None, cols: slice = slice(None),
                  bias: bool = True) -> None:
