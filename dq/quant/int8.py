@@ -105,15 +105,15 @@ qlinear = torch.ops.dq.qlinear.default
 
 
 def int8_weight(w_int: Tensor) -> tuple[Tensor, bool]:
-    """(int8 weight, halved): integer weights that fit int8 as they are; wider ones (8-bit weights less their zero
-    point span [−255, 255]) as [W_hi; W_lo] stacked along the output channels, w_int = 16·W_hi + W_lo, both within
-    int8 for |w_int| ≤ 2039 (weights of up to 11 bits). One kernel call computes both; the layer adds the halves of its output (a
-    per-channel offset corrected in float took three passes more per layer: 145 vs 66 ms for a W8A8 vs W4A8
-    digits call, and 1.7 ms of the first W4A4 GroupNorm kernel; AMX Xeon)."""
+    """(int8 weight, halved): integer weights that fit int8 as they are; wider ones (8-bit weights less their
+    zero point span [−255, 255]) as [W_hi; W_lo] stacked along the output channels, w_int = 16·W_hi + W_lo, both
+    within int8 for |w_int| ≤ 2039. One kernel call computes both halves; the layer adds them (docs/design.md:
+    why not a per-channel offset)."""
     w = w_int.to(torch.int64)
-    if int(w.abs().max()) > 2039:
-        raise ValueError(f"integer weights up to ±{int(w.abs().max())} do not fit two int8 halves (at most ±2039, "
-                         "11-bit weights); run this layer on runtime=reference")
+    widest = int(w.abs().max())
+    if widest > 2039:
+        raise ValueError(f"integer weights up to ±{widest} do not fit two int8 halves (at most ±2039); "
+                         "load this export with runtime=reference")
     if int(w.min()) >= -128 and int(w.max()) <= 127:
         return w.to(torch.int8), False
     hi = torch.round(w / 16).to(torch.int64)
@@ -209,9 +209,9 @@ class Int8Conv2d(_Int8Base):
 class Int8Linear(_Int8Base):
     """QuantLinear run as u8 × s8 oneDNN matmul; input [..., C_in].
 
-    The activation zero point is taken out of the kernel: Σ(x_q − zx)·W = Σ x_q·W − zx·ΣW, and the second term,
-    one value per output channel, goes into the bias. oneDNN's matmul with a zero point can take a slower path
-    (a [16000, 64] × [64, 64] call: 325 vs 110 µs in one microbenchmark, 334 vs 314 in a noisier one; AMX Xeon)."""
+    The activation zero point is taken out of the kernel: Σ(x_q − zx)·W = Σ x_q·W − zx·ΣW; the second term,
+    one value per output channel, goes into the bias. oneDNN's matmul with a zero point can be slower
+    ([16000, 64] × [64, 64]: 325 vs 110 µs in one microbenchmark, 334 vs 314 in a noisier one; AMX Xeon)."""
 
     def __init__(self, layer: QuantLinear, act: TemporalActQuantizer | None = None, cols: slice = slice(None),
                  bias: bool = True) -> None:
