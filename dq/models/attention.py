@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import Tensor, nn
 
+from dq.quant.qattention import qattention
 from dq.quant.quantizers import TemporalActQuantizer
 
 # Attention scores are computed in blocks of query rows of at most this size: SD-1.5's first self-attention
@@ -68,6 +69,8 @@ class QuantAttnProcessor(nn.Module):
         self.k_quant = make(a_bits)
         self.v_quant = make(a_bits)
         self.prob_quant = make(prob_bits)
+        # narrow float32 heads through the fused kernel (dq.quant.qattention); set by runtime=compiled
+        self.fused = False
 
     # Attention.forward filters cross-attention kwargs by the processor's __call__ signature; nn.Module's
     # generic (*args, **kwargs) would hide `temb`, so expose the same signature as AttnProcessor2_0.
@@ -144,7 +147,12 @@ class QuantAttnProcessor(nn.Module):
             query, key = query.float(), key.float()
         n, s = query.shape[2], key.shape[2]
         rows = max(1, SCORES_BYTES // (batch_size * attn.heads * s * 4))
-        if rows >= n:
+        p_rows = self._fused_rows(query, key, value, attention_mask)
+        if p_rows is not False:  # one kernel, its scores in cache: the same function (~1e-7 relative)
+            delta, zp = self.prob_quant._row_params(p_rows)
+            query, key, value = query.contiguous(), key.contiguous(), value.contiguous()  # written so by their producer
+            hidden_states = qattention(query, key, value, attn.scale, delta, zp, self.prob_quant.bits)
+        elif rows >= n:
             hidden_states = self._attend(attn, query, key, value, attention_mask, dtype)
         else:  # the [B, H, N, S] scores one block of query rows at a time (rows are independent)
             attend = self._attend
@@ -163,6 +171,18 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _fused_rows(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor | None | bool:
+        """The P quantizer's rows (None: shared) where the fused kernel computes this call, else False: it runs
+        where the runtime enabled it, in inference, for float32 heads narrower than BF16_MIN_HEAD_DIM without a
+        mask and with one row of P tables for the whole batch."""
+        q = self.prob_quant
+        if not self.fused or q is None or not q.enabled or mask is not None or torch.is_grad_enabled():
+            return False
+        if query.shape[-1] >= BF16_MIN_HEAD_DIM or any(t.dtype != torch.float32 for t in (query, key, value)):
+            return False
+        rows = q._rows(query)
+        return False if rows is not None and rows.numel() != 1 else rows
 
     def _same_rows(self) -> tuple[Any, Any]:
         """Checkpoint contexts: the recomputation in backward reads the TPQ rows the forward read (the

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dq.errors import DQError, choice_error
+from dq.models.attention import QuantAttnProcessor
 from dq.models.components import load_component
 from dq.models.families import model_class
 from dq.models.load import DiffusionModel
@@ -175,6 +176,9 @@ def use_runtime(model: torch.nn.Module, runtime: str) -> None:
         layer.weight_quant.enabled = True  # the int8 layers read the integers from the fake quantizer
     to_int8(model)
     if runtime == "compiled":
+        for m in model.modules():  # narrow attention heads through one fused kernel (same C++ toolchain)
+            if isinstance(m, QuantAttnProcessor):
+                m.fused = True
         compile_int8(model, compiled_dtype())
 
 
