@@ -140,27 +140,11 @@ class QuantAttnProcessor(nn.Module):
             key = attn.norm_k(key)
 
         dtype = query.dtype
-        query, key, value = self._q(self.q_quant, query), self._q(self.k_quant, key), self._q(self.v_quant, value)
-        if dtype == torch.bfloat16 and head_dim >= BF16_MIN_HEAD_DIM:
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-        if attn.upcast_attention:
-            query, key = query.float(), key.float()
-        n, s = query.shape[2], key.shape[2]
-        rows = max(1, SCORES_BYTES // (batch_size * attn.heads * s * 4))
-        p_rows = self._fused_rows(query, key, value, attention_mask)
-        if p_rows is not False:  # one kernel, its scores in cache: the same function (~1e-7 relative)
-            delta, zp = self.prob_quant._row_params(p_rows)
-            query, key, value = query.contiguous(), key.contiguous(), value.contiguous()  # written so by their producer
-            hidden_states = qattention(query, key, value, attn.scale, delta, zp, self.prob_quant.bits)
-        elif rows >= n:
-            hidden_states = self._attend(attn, query, key, value, attention_mask, dtype)
-        else:  # the [B, H, N, S] scores one block of query rows at a time (rows are independent)
-            attend = self._attend
-            if torch.is_grad_enabled():  # training: keep no block's scores for backward, recompute them there
-                attend = functools.partial(checkpoint, self._attend, use_reentrant=False, context_fn=self._same_rows)
-            hidden_states = torch.cat([attend(attn, query[:, :, i:i + rows], key, value,
-                                              _rows(attention_mask, i, rows, n), dtype)
-                                       for i in range(0, n, rows)], dim=2)
+        if self._fuses(query, attention_mask):  # one kernel, its scores in cache: the same function (~1e-7 relative)
+            hidden_states = self._fused(attn, query, key, value, dtype)
+        else:
+            query, key, value = self._q(self.q_quant, query), self._q(self.k_quant, key), self._q(self.v_quant, value)
+            hidden_states = self._explicit(attn, query, key, value, attention_mask, dtype)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -172,17 +156,50 @@ class QuantAttnProcessor(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _fused_rows(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor | None | bool:
-        """The P quantizer's rows (None: shared) where the fused kernel computes this call, else False: it runs
-        where the runtime enabled it, in inference, for float32 heads narrower than BF16_MIN_HEAD_DIM without a
-        mask and with one row of P tables for the whole batch."""
-        q = self.prob_quant
-        if not self.fused or q is None or not q.enabled or mask is not None or torch.is_grad_enabled():
+    def _explicit(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  dtype: torch.dtype) -> Tensor:
+        """Attention of quantized q, k, v [B, H, n, d] by batched matmuls, in blocks of query rows where the
+        scores would exceed SCORES_BYTES."""
+        if dtype == torch.bfloat16 and query.shape[-1] >= BF16_MIN_HEAD_DIM:
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        if attn.upcast_attention:
+            query, key = query.float(), key.float()
+        n, s = query.shape[2], key.shape[2]
+        rows = max(1, SCORES_BYTES // (query.shape[0] * attn.heads * s * 4))
+        if rows >= n:
+            hidden_states = self._attend(attn, query, key, value, attention_mask, dtype)
+        else:  # the [B, H, N, S] scores one block of query rows at a time (rows are independent)
+            attend = self._attend
+            if torch.is_grad_enabled():  # training: keep no block's scores for backward, recompute them there
+                attend = functools.partial(checkpoint, self._attend, use_reentrant=False, context_fn=self._same_rows)
+            hidden_states = torch.cat([attend(attn, query[:, :, i:i + rows], key, value,
+                                              _rows(attention_mask, i, rows, n), dtype)
+                                       for i in range(0, n, rows)], dim=2)
+        return hidden_states
+
+    def _fuses(self, query: Tensor, mask: Tensor | None) -> bool:
+        """Whether the fused kernel computes this call: where the runtime enabled it, in inference, for heads
+        narrower than BF16_MIN_HEAD_DIM without a mask, with q, k, v and P quantized (enabled, not calibrating)
+        and one table row for the whole batch."""
+        quants = (self.q_quant, self.k_quant, self.v_quant, self.prob_quant)
+        if not self.fused or mask is not None or torch.is_grad_enabled() or query.shape[-1] >= BF16_MIN_HEAD_DIM:
             return False
-        if query.shape[-1] >= BF16_MIN_HEAD_DIM or any(t.dtype != torch.float32 for t in (query, key, value)):
+        if any(q is None or not q.enabled or q.calibrating for q in quants):
             return False
-        rows = q._rows(query)
-        return False if rows is not None and rows.numel() != 1 else rows
+        rows = self.prob_quant._rows(query)
+        return rows is None or rows.numel() == 1
+
+    def _fused(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:
+        """dq.quant.qattention on q, k, v's integers (bfloat16, written so by their producer) and per-head scales;
+        its output in ``dtype`` where that is bfloat16 (what the explicit path's float32 output is cast to)."""
+        (q, dq), (k, dk), (v, dv) = (quant.integers(t) for quant, t in
+                                     ((self.q_quant, query), (self.k_quant, key), (self.v_quant, value)))
+        p = self.prob_quant
+        p_delta, p_zp = p._row_params(p._rows(query))
+        q, k, v = (t.to(torch.bfloat16).contiguous() for t in (q, k, v))
+        h = self.heads
+        return qattention(q, k, v, (dq * dk).reshape(h) * attn.scale, p_delta.reshape(h) * dv.reshape(h),
+                          p_delta, p_zp, p.bits, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
 
     def _same_rows(self) -> tuple[Any, Any]:
         """Checkpoint contexts: the recomputation in backward reads the TPQ rows the forward read (the

@@ -28,7 +28,14 @@ from dq.quant.knots import KnotActQuantizer, hat_weights
 # inductor's per-call checks of every buffer's size, stride and alignment in the graph's Python wrapper: ~780 lines
 # run per digits call (a W4A4 digits b250 call 66.9 → 63.7 ms without them, AMX Xeon). dynamo's guards already
 # check the graph's inputs, and the buffers inside are inductor's own.
-OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+# GroupNorm's statistics in two passes over each (sample, group) — mean, then Σ(x − mean)² — instead of Welford's
+# one-pass update, which costs several times the arithmetic per element: inductor picks two passes only up to 1024
+# elements per group on CPU, and a group of the digits UNet holds 3,072 (a group's values stay in L1 for the
+# second pass). Both are exact to float rounding.
+OPTIONS = {"size_asserts": False, "alignment_asserts": False, "cpp.use_two_step_variance_threshold": 1 << 24,
+           # no guards on the modules' attributes: the runtime's model is not changed once it runs (tables moved to
+           # another schedule are traced again, see CompiledForward), and these guards are half the per-call check
+           "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
 
 
 class _Step(nn.Module):

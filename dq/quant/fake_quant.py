@@ -87,6 +87,14 @@ def fake_quant(
     return (q - z) * delta
 
 
+def quant_ints(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """The integers k = clamp(round(x/Δ), −z, qmax − z) of the fake quantizer's grid (its output is k·Δ), in x's
+    float dtype; no gradient."""
+    qmax = qmax_of(bits)
+    z = torch.round(zero_point).clamp(0, qmax)
+    return torch.minimum(torch.maximum(torch.round(x * delta.reciprocal()), -z), qmax - z)
+
+
 def fake_quant_nograd(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     """No-grad fast path of :func:`fake_quant`, bitwise equal to it (same arguments, broadcasting).
 
@@ -99,7 +107,7 @@ def fake_quant_nograd(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -
     qmax = qmax_of(bits)
     z = torch.round(zero_point).clamp(0, qmax)
     if torch.compiler.is_compiling():  # the same values, functional (a compiled graph fuses the passes)
-        return torch.minimum(torch.maximum(torch.round(x * delta.reciprocal()), -z), qmax - z) * delta
+        return quant_ints(x, delta, zero_point, bits) * delta
     if delta.numel() == 1 and z.numel() == 1:  # one row for the whole batch (sampling): 0-dim operands
         d0, z0 = delta.reshape(()), z.reshape(())  # take the scalar kernels (not clamp_ with tensor
         t = x * d0.reciprocal()                    # bounds: 10x slower than maximum/minimum here)
