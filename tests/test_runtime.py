@@ -81,6 +81,22 @@ def test_compiled_model_serves_every_step_and_mixed_batches(exported, monkeypatc
     assert fast.denoiser.dq_step_index.hat is None  # and left none behind for an eager call
 
 
+@needs_int8
+def test_two_compiled_runtimes_in_one_process_each_run_their_own_graph(exported, tmp_path, monkeypatch):
+    """The compiled graphs keep no guards on module attributes (dq.quant.compiled.OPTIONS): a second runtime of the
+    same architecture but other bits and weights must not be served by the first one's graph."""
+    monkeypatch.setenv("DQ_COMPILED_DTYPE", "float32")
+    _, folder, (x, _) = exported
+    student8, meta8, _ = _student(build_arch("unet2d"), w_bits=8, knots=3)
+    folder8 = export_student(student8, meta8, tmp_path / "w8")
+    tt = torch.full((x.shape[0],), int(meta8["quant"]["timesteps"][0]))
+    with torch.no_grad():
+        for f in (folder, folder8, folder):
+            fast, eager = load_export(f, "compiled")[0], load_export(f, "int8")[0]
+            a, b = fast.family.forward(fast.denoiser, x, tt), eager.family.forward(eager.denoiser, x, tt)
+            assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()), f
+
+
 def test_knot_weights_are_shared_only_where_every_quantizer_has_the_same_knots(exported):
     student, _, _ = exported
     model = copy.deepcopy(student.denoiser)

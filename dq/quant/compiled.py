@@ -15,6 +15,7 @@ inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``), so a second process comp
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -33,9 +34,10 @@ from dq.quant.knots import KnotActQuantizer, hat_weights
 # elements per group on CPU, and a group of the digits UNet holds 3,072 (a group's values stay in L1 for the
 # second pass). Both are exact to float rounding.
 OPTIONS = {"size_asserts": False, "alignment_asserts": False, "cpp.use_two_step_variance_threshold": 1 << 24,
-           # no guards on the modules' attributes: the runtime's model is not changed once it runs (tables moved to
-           # another schedule are traced again, see CompiledForward), and these guards are half the per-call check
+           # no guards on the modules' attributes (6,803 of a digits graph's 7,219): a runtime's model is not changed
+           # once it runs. Each runtime, and each table version of it, has its own graph instead (_Step's token).
            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+_TOKENS = itertools.count()
 
 
 class _Step(nn.Module):
@@ -48,7 +50,9 @@ class _Step(nn.Module):
         self.eager = forward
         self.knots = knots
 
-    def forward(self, row: Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, row: Tensor, token: str, *args: Any, **kwargs: Any) -> Any:
+        if not token:  # guarded on (a string, never made dynamic): without module guards, what tells models apart
+            raise ValueError("a compiled step needs its runtime's token")
         si = self.model.dq_step_index
         si.current = row  # what the pre-forward hook set, now a graph input
         if self.knots is not None:
@@ -88,6 +92,7 @@ class CompiledForward:
         self.dtype = dtype
         self._graph: Callable[..., Any] | None = None
         self._key: tuple | None = None
+        self._token = ""
 
     def _compiled(self) -> Callable[..., Any]:
         t = self.model.dq_step_index.timesteps  # tables moved to another schedule (retarget): trace again
@@ -95,6 +100,7 @@ class CompiledForward:
         if self._graph is None or key != self._key:
             self._graph = torch.compile(_Step(self.model, self.eager, shared_knots(self.model)), options=OPTIONS)
             self._key = key
+            self._token = f"dq-{next(_TOKENS)}"
         return self._graph
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -104,7 +110,8 @@ class CompiledForward:
         row = torch.zeros(1, dtype=torch.long) if rows is None else rows.reshape(1)
         try:
             with torch.no_grad():
-                return _as_float(self._compiled()(row, *args, **kwargs))
+                graph = self._compiled()
+                return _as_float(graph(row, self._token, *args, **kwargs))
         finally:
             self.model.dq_step_index.hat = None  # also when the call failed: the next call must not read it
 
