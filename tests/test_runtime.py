@@ -12,7 +12,7 @@ from dq.models import export as export_mod
 from dq.models.export import export_student, load_export
 from dq.models.load import build_arch
 from dq.quant.compiled import shared_knots
-from dq.quant.int8 import Int8Conv2d, Int8Linear, available, int8_weight
+from dq.quant.int8 import Int8Conv2d, Int8Linear, available, int8_weight, qconv2d, quantize_u8
 from dq.quant.knots import KnotActQuantizer
 from dq.quant.prepare import rows_of
 from test_export import _student, layer_io
@@ -219,6 +219,25 @@ def test_bench_runtime_ledger_keeps_cells_of_earlier_runs_and_takes_new_ones_ove
     assert merged["cells"]["cpu"] == {"digits:1": old, "digits:250": new} and merged["machines"]["cpu"] == {"model": "Y"}
     assert merged["fid"]["cpu"] == [{"student": "a", "rows": [1]}, {"student": "b", "rows": [3]}]
     assert json.loads(ledger.read_text()) == merged  # written back
+
+
+@needs_int8
+def test_a_halved_layer_of_small_fan_in_runs_as_one_exact_float_convolution(exported):
+    """conv_in's 8-bit weights (fan-in 27) sum exactly in float32: one float convolution of (x_q − zx) with W
+    gives what the two int8 halves give, with half the output channels."""
+    _, folder, _ = exported
+    eager = load_export(folder, "int8")[0]
+    halved = [m for m in eager.denoiser.modules() if isinstance(m, Int8Conv2d) and m.halved]
+    assert halved and all(m.float_ints == (m.w8[0].numel() * 255 ** 2 < 2 ** 24) for m in halved)
+    m = next(m for m in halved if m.float_ints)
+    x = torch.randn(2, m.w8.shape[1], 8, 8, generator=torch.Generator().manual_seed(0))
+    dx, inv, zp = m._row(m._row0)
+    xq = quantize_u8(x, inv, zp, m.act.bits)
+    got = m._float_ints(xq, dx, zp)
+    want = m._join(qconv2d(xq, dx, zp.long(), m.w8, m.w_scale, m._wzp, m.bias, m.stride, m.padding, m.dilation,
+                           torch.float32), 1)
+    assert got.shape == want.shape and got.shape[1] == m.w8.shape[0] // 2
+    assert float((got - want).norm() / want.norm()) <= 1e-6
 
 
 def test_wide_integer_weights_run_as_two_exact_int8_halves():

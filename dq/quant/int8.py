@@ -194,12 +194,32 @@ class Int8Conv2d(_Int8Base):
         self.stride, self.padding = list(layer.stride), list(layer.padding)
         self.dilation = list(layer.dilation)
         super().__init__(layer, act, cols, bias)
-        _packed(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
+        # Halved weights whose integer products sum exactly in float32 in any order (fan-in · 255² < 2²⁴: a first
+        # layer over a few channels, e.g. conv_in) run as one float convolution of (x_q − zx) with W instead: C_out
+        # outputs, where the two halves write 2·C_out that every consumer reads again.
+        self.float_ints = self.halved and self.w8[0].numel() * 255 * 255 < 2 ** 24
+        if self.float_ints:
+            hi, lo = self.w8.float().chunk(2)
+            self.register_buffer("w_float", 16 * hi + lo, persistent=False)
+        else:
+            _packed(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
+
+    def _float_ints(self, xq: Tensor, dx: Tensor, zp: Tensor) -> Tensor:
+        """Δx·Δw·conv(x_q − zx, W) + b with integer-valued float operands: exact sums in float32; in bfloat16 (the
+        compiled runtime's dtype) the operands are exact and the sum is rounded once, as the int8 kernel's output."""
+        dt, c = self.out_dtype, self.w8.shape[0] // 2
+        acc = F.conv2d(xq.to(dt) - zp.to(dt), self.w_float.to(dt), None, self.stride, self.padding, self.dilation)
+        acc = acc.contiguous(memory_format=torch.channels_last)  # as the int8 kernels write (and the graph expects)
+        y = acc * (dx * self.w_scale[c:]).view(1, -1, 1, 1)
+        return (y if self.bias is None else y + self.bias[:c].view(1, -1, 1, 1)).to(dt)
 
     def _run(self, x: Tensor, dx: Tensor, inv: Tensor, zp: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # the codes in the kernel's layout, written by the pass that made x
             x = x.contiguous(memory_format=torch.channels_last)
         xq = quantize_u8(x, inv, zp, self.act.bits)
+        if self.float_ints:
+            y = self._float_ints(xq, dx, zp)
+            return y if torch.compiler.is_compiling() else y.contiguous()
         y = self._join(qconv2d(xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias, self.stride,
                                self.padding, self.dilation, self.out_dtype), 1)
         # oneDNN writes channels-last: eager GroupNorm and friends are slow on it, compiled kernels are not
