@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import Tensor, nn
 
+from dq.quant.fake_quant import quant_ints
 from dq.quant.qattention import qattention
 from dq.quant.quantizers import TemporalActQuantizer
 
@@ -43,6 +44,13 @@ SCORES_BYTES = 256 * 2**20
 # kernels measured slower than float32 ones (AMX Xeon, 2 threads: attention core 4.3 vs 3.7 ms; 256-wide heads
 # of ddpm_cifar10: 1.6 vs 3.7 ms).
 BF16_MIN_HEAD_DIM = 32
+
+
+def _integers(quant: TemporalActQuantizer, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(k, Δ): a per-head quantizer's integers of x [B, H, n, d] (k·Δ is its output) and Δ [1, H, 1, 1] of the
+    batch's one table row."""
+    delta, zp = (t.reshape(1, -1, 1, 1) for t in quant._row_params(quant._rows(x)))
+    return quant_ints(x, delta, zp, quant.bits), delta
 
 
 def _rows(mask: Tensor | None, i: int, rows: int, n: int) -> Tensor | None:
@@ -192,7 +200,7 @@ class QuantAttnProcessor(nn.Module):
     def _fused(self, attn: Attention, query: Tensor, key: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:
         """dq.quant.qattention on q, k, v's integers (bfloat16, written so by their producer) and per-head scales;
         its output in ``dtype`` where that is bfloat16 (what the explicit path's float32 output is cast to)."""
-        (q, dq), (k, dk), (v, dv) = (quant.integers(t) for quant, t in
+        (q, dq), (k, dk), (v, dv) = (_integers(quant, t) for quant, t in
                                      ((self.q_quant, query), (self.k_quant, key), (self.v_quant, value)))
         p = self.prob_quant
         p_delta, p_zp = p._row_params(p._rows(query))

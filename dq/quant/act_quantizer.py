@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dq.quant.fake_quant import DELTA_MIN, check_bits, fake_quant, fake_quant_nograd, minmax_params, qmax_of, quant_ints
+from dq.quant.fake_quant import DELTA_MIN, check_bits, fake_quant, fake_quant_nograd, minmax_params, qmax_of
 from dq.quant.steps import StepIndex
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
@@ -163,7 +163,11 @@ class TemporalActQuantizer(nn.Module):
         if self._calib is not None:
             self._observe(x.detach(), rows)
             return x
-        delta, zp = self._shaped_params(x, rows)
+        delta, zp = self._row_params(rows)
+        shape = [delta.shape[0]] + [1] * (x.ndim - 1)
+        if self.heads is not None:
+            shape[self.head_axis] = self.heads
+        delta, zp = delta.reshape(shape), zp.reshape(shape)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or self.delta.requires_grad or self.zero_point.requires_grad
         )
@@ -174,21 +178,6 @@ class TemporalActQuantizer(nn.Module):
             per_row = x.numel() / x.shape[0] / (self.heads or 1)
             g = 1.0 / math.sqrt(per_row * qmax_of(self.bits))
         return fake_quant(x, delta, zp, self.bits, grad_scale=g)
-
-    def _shaped_params(self, x: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(Δ, z) of the batch's rows, shaped to broadcast against x."""
-        delta, zp = self._row_params(rows)
-        shape = [delta.shape[0]] + [1] * (x.ndim - 1)
-        if self.heads is not None:
-            shape[self.head_axis] = self.heads
-        return delta.reshape(shape), zp.reshape(shape)
-
-    def integers(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(k, Δ): the grid's integers of x (float, k·Δ = forward(x) when enabled) and the Δ of the batch's rows,
-        shaped to broadcast against x. Inference only."""
-        self._check_heads(x)
-        delta, zp = self._shaped_params(x, self._rows(x))
-        return quant_ints(x, delta, zp, self.bits), delta
 
     # ---------------------------------------------------------------- calibration
     def start_calibration(self, samples_per_row: int = 0, seed: int = 0, pooled: bool = False) -> None:

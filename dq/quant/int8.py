@@ -14,8 +14,7 @@ after a last-bit difference (a Weight-Dilation input scale is folded into the sa
 a 4-bit network such a one-level difference propagates, so whole-model outputs agree less closely than
 single layers; quality is compared by FID (scripts/bench_runtime.py). W does not fit int8 for 8-bit
 weights (w_q − zw ∈ [−255, 255]): such a layer's kernel gets two int8 halves stacked along its output
-channels, W = 16·W_hi + W_lo (W_hi = round(W/16) ∈ [−16, 16], W_lo ∈ [−8, 8]), computes both in one call
-(W_hi's scale 16·Δw) and the layer adds the two halves of the output.
+channels, W = 16·W_hi + W_lo (W_hi's scale 16·Δw), computes both in one call and adds them (docs/design.md).
 
 Every step of a call is tensor arithmetic (the row's (Δx, zx) are gathered, never read back to the
 host), so ``torch.compile`` traces a layer whole and fuses the quantization x → x_q into the kernel
@@ -48,12 +47,9 @@ def quantize_u8(x: Tensor, inv_delta: Tensor, zp: Tensor, bits: int) -> Tensor:
     return torch.clamp(torch.round(x * inv_delta) + zp, 0, qmax_of(bits)).to(torch.uint8)
 
 
-# The integer kernels as two torch ops with shape functions, so that torch.compile traces through them
-# (inductor calls them as they are and fuses the quantization x → x_q into the code that produced x) with
-# the weights as ordinary graph inputs (no freezing: compiled graphs stay in inductor's on-disk cache).
-# oneDNN's packed weight layout is made once per weight tensor and kept beside it. The ops are defined with
-# torch.library.Library rather than the @custom_op decorator: the decorator's dispatch wrapper cost ~15 µs
-# per call (53 vs 38 µs for a small conv, AMX Xeon), paid by every int8 layer of every compiled call.
+# The integer kernels as two torch ops with shape functions, so that torch.compile traces through them (inductor
+# calls them as they are and fuses x → x_q into the code that produced x), the weights ordinary graph inputs; the
+# packed layout is made once per weight tensor. torch.library.Library, not @custom_op (docs/design.md: its wrapper).
 _PACKED = WeakIdKeyDictionary()  # int8 weight tensor → its packed layout
 _LIB = torch.library.Library("dq", "DEF")
 _LIB.define("qconv2d(Tensor xq, Tensor x_scale, Tensor x_zp, Tensor w8, Tensor w_scale, Tensor w_zp, Tensor? bias, "
@@ -105,10 +101,8 @@ qlinear = torch.ops.dq.qlinear.default
 
 
 def int8_weight(w_int: Tensor) -> tuple[Tensor, bool]:
-    """(int8 weight, halved): integer weights that fit int8 as they are; wider ones (8-bit weights less their
-    zero point span [−255, 255]) as [W_hi; W_lo] stacked along the output channels, w_int = 16·W_hi + W_lo, both
-    within int8 for |w_int| ≤ 2039. One kernel call computes both halves; the layer adds them (docs/design.md:
-    why not a per-channel offset)."""
+    """(int8 weight, halved): integer weights that fit int8 as they are; wider ones (8-bit weights less their zero
+    point span [−255, 255]) as [W_hi; W_lo] along the output channels, w_int = 16·W_hi + W_lo, |w_int| ≤ 2039."""
     w = w_int.to(torch.int64)
     widest = int(w.abs().max())
     if widest > 2039:
@@ -198,18 +192,17 @@ class Int8Conv2d(_Int8Base):
         # layer over a few channels, e.g. conv_in) run as one float convolution of (x_q − zx) with W instead: C_out
         # outputs, where the two halves write 2·C_out that every consumer reads again.
         self.float_ints = self.halved and self.w8[0].numel() * 255 * 255 < 2 ** 24
-        if self.float_ints:
-            hi, lo = self.w8.float().chunk(2)
-            self.register_buffer("w_float", 16 * hi + lo, persistent=False)
-        else:
+        hi, lo = self.w8.float().chunk(2)
+        self.register_buffer("w_float", 16 * hi + lo if self.float_ints else None, persistent=False)
+        if not self.float_ints:
             _packed(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
 
     def _float_ints(self, xq: Tensor, dx: Tensor, zp: Tensor) -> Tensor:
         """Δx·Δw·conv(x_q − zx, W) + b with integer-valued float operands: exact sums in float32; in bfloat16 (the
         compiled runtime's dtype) the operands are exact and the sum is rounded once, as the int8 kernel's output."""
         dt, c = self.out_dtype, self.w8.shape[0] // 2
-        acc = F.conv2d(xq.to(dt) - zp.to(dt), self.w_float.to(dt), None, self.stride, self.padding, self.dilation)
-        acc = acc.contiguous(memory_format=torch.channels_last)  # as the int8 kernels write (and the graph expects)
+        acc = F.conv2d(xq.to(dt) - zp.to(dt), self.w_float.to(dt), None, self.stride, self.padding,
+                       self.dilation).contiguous(memory_format=torch.channels_last)  # as the int8 kernels write
         y = acc * (dx * self.w_scale[c:]).view(1, -1, 1, 1)
         return (y if self.bias is None else y + self.bias[:c].view(1, -1, 1, 1)).to(dt)
 
@@ -217,11 +210,9 @@ class Int8Conv2d(_Int8Base):
         if torch.compiler.is_compiling():  # the codes in the kernel's layout, written by the pass that made x
             x = x.contiguous(memory_format=torch.channels_last)
         xq = quantize_u8(x, inv, zp, self.act.bits)
-        if self.float_ints:
-            y = self._float_ints(xq, dx, zp)
-            return y if torch.compiler.is_compiling() else y.contiguous()
-        y = self._join(qconv2d(xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias, self.stride,
-                               self.padding, self.dilation, self.out_dtype), 1)
+        y = self._float_ints(xq, dx, zp) if self.float_ints else self._join(qconv2d(
+            xq, dx, zp.long(), self.w8, self.w_scale, self._wzp, self.bias, self.stride, self.padding, self.dilation,
+            self.out_dtype), 1)
         # oneDNN writes channels-last: eager GroupNorm and friends are slow on it, compiled kernels are not
         return y if torch.compiler.is_compiling() else y.contiguous()
 
@@ -230,8 +221,7 @@ class Int8Linear(_Int8Base):
     """QuantLinear run as u8 × s8 oneDNN matmul; input [..., C_in].
 
     The activation zero point is taken out of the kernel: Σ(x_q − zx)·W = Σ x_q·W − zx·ΣW; the second term,
-    one value per output channel, goes into the bias. oneDNN's matmul with a zero point can be slower
-    ([16000, 64] × [64, 64]: 325 vs 110 µs in one microbenchmark, 334 vs 314 in a noisier one; AMX Xeon)."""
+    one value per output channel, goes into the bias (oneDNN's matmul with a zero point can be slower: design.md)."""
 
     def __init__(self, layer: QuantLinear, act: TemporalActQuantizer | None = None, cols: slice = slice(None),
                  bias: bool = True) -> None:
