@@ -192,8 +192,8 @@ class Int8Conv2d(_Int8Base):
         # layer over a few channels, e.g. conv_in) run as one float convolution of (x_q − zx) with W instead: C_out
         # outputs, where the two halves write 2·C_out that every consumer reads again.
         self.float_ints = self.halved and self.w8[0].numel() * 255 * 255 < 2 ** 24
-        hi, lo = self.w8.float().chunk(2)
-        self.register_buffer("w_float", 16 * hi + lo if self.float_ints else None, persistent=False)
+        halves = self.w8.float().chunk(2) if self.float_ints else None
+        self.register_buffer("w_float", None if halves is None else 16 * halves[0] + halves[1], persistent=False)
         if not self.float_ints:
             _packed(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
 
