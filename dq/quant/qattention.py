@@ -88,7 +88,7 @@ extern "C" void kernel(const bf16* q, const bf16* k, const bf16* v, const float*
             // zero-padded operands (padding is never written): A of Sᵀ = k rows; B of Sᵀ = qᵀ in VNNI pairs
             // [block][K step][head-dim pair][16 query rows]; A of outᵀ = vᵀ; B of outᵀ = Pᵀ in key pairs.
             std::vector<bf16> kp(SP * KP, bf16(0.f)), vt(DP * SP, bf16(0.f));
-            std::vector<uint32_t> qp(IB * KS * 256, 0u), pt(IB * SP / 2 * 16, 0u);
+            std::vector<uint32_t> qp(IB * KS * 256, 0u), pt(SP / 2 * 16, 0u);
             std::vector<float> st(SP * 16), ob(256);
             #pragma omp for
             for (int64_t bh = 0; bh < BH; ++bh) {
@@ -147,18 +147,15 @@ extern "C" void kernel(const bf16* q, const bf16* k, const bf16* v, const float*
                             ((Vec::loadu(st.data() + j * 16) * r) * inv).round(), lo), hi));
                         const __m512i b = j + 1 < s ? _mm512_castps_si512(at::vec::minimum(at::vec::maximum(
                             ((Vec::loadu(st.data() + (j + 1) * 16) * r) * inv).round(), lo), hi)) : _mm512_setzero_si512();
-                        _mm512_storeu_si512(pt.data() + (ib * SP + j) / 2 * 16, _mm512_or_si512(_mm512_srli_epi32(a, 16),
+                        _mm512_storeu_si512(pt.data() + j / 2 * 16, _mm512_or_si512(_mm512_srli_epi32(a, 16),
                             _mm512_and_si512(b, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
                     }
-                }
-                // P·v once every block's P is written: a tile load of data still in the store buffer stalls
-                for (int64_t ib = 0; ib < IB; ++ib) {
                     const int64_t rows = std::min<int64_t>(16, n - ib * 16);
                     for (int64_t cb = 0; cb < CB; ++cb) {  // outᵀ = vᵀ·Pᵀ: 16 value columns × 16 query rows per tile
                         _tile_zero(1);
                         for (int64_t j0 = 0; j0 < SP; j0 += 32) {
                             _tile_loadd(6, vt.data() + cb * 16 * SP + j0, SP * sizeof(bf16));
-                            _tile_loadd(7, pt.data() + (ib * SP + j0) / 2 * 16, 64);
+                            _tile_loadd(7, pt.data() + j0 / 2 * 16, 64);
                             _tile_dpbf16ps(1, 6, 7);
                         }
                         _tile_stored(1, ob.data(), 64);
