@@ -77,7 +77,7 @@ class QuantAttnProcessor(nn.Module):
         self.k_quant = make(a_bits)
         self.v_quant = make(a_bits)
         self.prob_quant = make(prob_bits)
-        # narrow float32 heads through the fused kernel (dq.quant.qattention); set by runtime=compiled
+        # heads narrower than BF16_MIN_HEAD_DIM through the fused kernel (dq.quant.qattention); set by runtime=compiled
         self.fused = False
 
     # Attention.forward filters cross-attention kwargs by the processor's __call__ signature; nn.Module's
