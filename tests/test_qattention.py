@@ -87,6 +87,9 @@ def test_processor_runs_the_fused_kernel_only_where_it_computes_the_same(monkeyp
     attn(x)  # training (gradients on): the explicit path, whose backward exists
     wide = _attention(32)
     wide.processor.fused = True
+    x = torch.randn(3, 37, 64)
     with torch.no_grad():
-        wide(torch.randn(3, 37, 64))  # heads ≥ BF16_MIN_HEAD_DIM keep the batched matmuls
-    assert len(calls) == 1
+        plain = wide(x)  # heads ≥ BF16_MIN_HEAD_DIM keep the batched matmuls, unless the kernel runs them on tiles
+        assert len(calls) == 1
+        wide.processor.wide = True
+        assert torch.allclose(wide(x), plain, rtol=1e-5, atol=1e-6) and len(calls) == 2

@@ -77,8 +77,10 @@ class QuantAttnProcessor(nn.Module):
         self.k_quant = make(a_bits)
         self.v_quant = make(a_bits)
         self.prob_quant = make(prob_bits)
-        # heads narrower than BF16_MIN_HEAD_DIM through the fused kernel (dq.quant.qattention); set by runtime=compiled
+        # set by runtime=compiled: heads narrower than BF16_MIN_HEAD_DIM through the fused kernel (dq.quant.qattention),
+        # and wider ones too where it runs on the AMX tiles (``wide``: its float loops do not pay for them)
         self.fused = False
+        self.wide = False
 
     # Attention.forward filters cross-attention kwargs by the processor's __call__ signature; nn.Module's
     # generic (*args, **kwargs) would hide `temb`, so expose the same signature as AttnProcessor2_0.
@@ -187,10 +189,11 @@ class QuantAttnProcessor(nn.Module):
 
     def _fuses(self, query: Tensor, mask: Tensor | None) -> bool:
         """Whether the fused kernel computes this call: where the runtime enabled it, in inference, for heads
-        narrower than BF16_MIN_HEAD_DIM without a mask, with q, k, v and P quantized (enabled, not calibrating)
-        and one table row for the whole batch."""
+        narrower than BF16_MIN_HEAD_DIM (any width if ``wide``) without a mask, with q, k, v and P quantized
+        (enabled, not calibrating) and one table row for the whole batch."""
         quants = (self.q_quant, self.k_quant, self.v_quant, self.prob_quant)
-        if not self.fused or mask is not None or torch.is_grad_enabled() or query.shape[-1] >= BF16_MIN_HEAD_DIM:
+        narrow = query.shape[-1] < BF16_MIN_HEAD_DIM
+        if not self.fused or mask is not None or torch.is_grad_enabled() or not (narrow or self.wide):
             return False
         if any(q is None or not q.enabled or q.calibrating for q in quants):
             return False
