@@ -242,7 +242,7 @@ def report(ledger: dict, current: str, folder: Path) -> str:
              "(`DQ_COMPILED_DTYPE=float32` to compare). Attention: under `compiled`, through dq's fused kernel "
              "(q·kᵀ, softmax, P on its grid, P·v per head with the scores in cache; from dq `cd2ac40` on the "
              "grid's integers, both products on AMX bf16 tiles where the CPU has them; dq/quant/qattention.cpp): "
-             "heads of any width on the tiles (from the commit after `c523caa`; before, and without AMX, heads "
+             "heads of any width on the tiles (from dq `41b79df`; before, and without AMX, heads "
              "narrower than 32 only); wider heads elsewhere, and the other runtimes, as two batched matmuls in "
              "float on the grid's values (torchao 0.18's int8 SDPA op has no CPU kernel in its wheel).", ""]
     order = [*CELLS, *sorted({c for cells in ledger["cells"].values() for c in cells} - set(CELLS))]
