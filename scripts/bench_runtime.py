@@ -213,7 +213,8 @@ def run_cell(cell: str, repeats: int, out: Path) -> None:
                     once(name, f)
     result = {"cell": cell, "arch": arch, "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats,
               "order": "sequential" if sequential else "interleaved",
-              "ms": {k: statistics.median(v) for k, v in times.items()}, "first_call_s": first, "sizes_mb": sizes,
+              "ms": {k: statistics.median(v) for k, v in times.items()}, "rounds_ms": times,
+              "first_call_s": first, "sizes_mb": sizes,
               "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(),
               "allocator": allocator.STATE}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,7 +234,8 @@ def report(ledger: dict, current: str, folder: Path) -> str:
              "in afresh, which made a row's time depend on the heap's history.", "",
              "One denoiser call, median of interleaved rounds; × is float32's time over the row's, and 'vs best "
              "peer' is the faster of bf16 + compile and PT2E W8A8 + compile over the row's, in the same run "
-             "(above 1: dq is faster). The first call of a compiled row includes its compile (inductor's disk "
+             "(above 1: dq is faster); 'paired' is the median over rounds of that ratio taken within each round "
+             "(the machine's drift between rounds cancels; cells from 2026-12-07 22:00 on). The first call of a compiled row includes its compile (inductor's disk "
              "cache may hold earlier compiles of the same graph). dq rows: random-weight students at the main "
              "job's quantization (continuous TPQ over 4 knots, DDIM-50 tables, Weight Dilation; `W4A4`, `W4A8` and "
              "`W8A8` with DilateQuant's rank-16 float branch on the skip shortcuts where the model has them, "
@@ -271,14 +273,27 @@ def _cell_tables(results: list[dict]) -> list[str]:
                  "measured first and again last; ratios use the first. ")
         when = f"Measured {r['time']} at dq {_code(r)}. "
         lines += [f"### {r['arch']}, batch {r['batch']}", "", when + order, "", "| model | ms per call | × float32 | "
-                  "vs best peer | first call s | disk MB |", "|---|---|---|---|---|---|"]
+                  "vs best peer | paired | first call s | disk MB |", "|---|---|---|---|---|---|---|"]
+        paired = paired_vs_peer(r)
         for name, v in ms.items():
             owners = [k for k in r["sizes_mb"] if name == k or name.startswith(k + " ")]  # the longest: its export
             size = f"{r['sizes_mb'][max(owners, key=len)]:.2f}" if owners else ""
-            lines.append(f"| {name} | {v:.1f} | {ms['FP float32'] / v:.2f}× | {best / v:.2f}× | "
+            pair = f"{paired[name]:.2f}×" if name in paired else "–"
+            lines.append(f"| {name} | {v:.1f} | {ms['FP float32'] / v:.2f}× | {best / v:.2f}× | {pair} | "
                          f"{r['first_call_s'][name]:.1f} | {size} |")
         lines.append("")
     return lines
+
+
+def paired_vs_peer(record: dict) -> dict[str, float]:
+    """Per row: the median over rounds of (the faster peer's time in that round / the row's), for cells whose rows
+    ran interleaved and recorded their rounds (from 2026-12-07 22:00); {} otherwise. A drift of the machine between
+    rounds cancels in each round's ratio, which the medians' ratio ('vs best peer') does not do."""
+    rounds = record.get("rounds_ms")
+    if not rounds or record.get("order", "interleaved") != "interleaved" or not all(p in rounds for p in PEERS):
+        return {}
+    best = [min(ts) for ts in zip(*(rounds[p] for p in PEERS))]
+    return {name: statistics.median(b / t for b, t in zip(best, ts)) for name, ts in rounds.items()}
 
 
 def _code(record: dict) -> str:

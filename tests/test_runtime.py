@@ -221,6 +221,27 @@ def test_bench_runtime_ledger_keeps_cells_of_earlier_runs_and_takes_new_ones_ove
     assert json.loads(ledger.read_text()) == merged  # written back
 
 
+def test_bench_runtime_pairs_each_round_with_its_faster_peer(tmp_path):
+    """'paired': per round the faster peer's time over the row's, median over rounds; a drift that slows every row
+    of a round alike cancels, where the medians' ratio moves with it. Sequential cells have no pairs."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_runtime", Path(__file__).resolve().parents[1] / "scripts" / "bench_runtime.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    drift = [1.0, 1.0, 2.0, 2.0, 2.0]  # the machine twice as slow from round 3 on
+    rounds = {"FP bf16 + compile": [10 * d for d in drift], "PT2E W8A8 + compile": [12 * d for d in drift],
+              "dq W4A4 compiled": [9.0, 9.0, 20.0, 20.0, 20.0]}  # ratios 10/9, 10/9, 1, 1, 1: median 1
+    record = {"rounds_ms": rounds, "order": "interleaved"}
+    paired = bench.paired_vs_peer(record)
+    assert paired["dq W4A4 compiled"] == pytest.approx(1.0) and paired["FP bf16 + compile"] == pytest.approx(1.0)
+    assert paired["PT2E W8A8 + compile"] == pytest.approx(10 / 12)
+    rounds["dq W4A4 compiled"] = [5 * d for d in drift]
+    assert bench.paired_vs_peer(record)["dq W4A4 compiled"] == pytest.approx(2.0)
+    assert bench.paired_vs_peer({**record, "order": "sequential"}) == {} and bench.paired_vs_peer({"ms": {}}) == {}
+
+
 @needs_int8
 def test_a_halved_layer_of_small_fan_in_runs_as_one_exact_float_convolution(exported):
     """conv_in's 8-bit weights (fan-in 27) sum exactly in float32: one float convolution of (x_q − zx) with W
