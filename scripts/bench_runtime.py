@@ -246,7 +246,9 @@ def report(ledger: dict, current: str, folder: Path) -> str:
              "grid's integers, both products on AMX bf16 tiles where the CPU has them; dq/quant/qattention.cpp): "
              "heads of any width on the tiles (from dq `41b79df`; before, and without AMX, heads "
              "narrower than 32 only); wider heads elsewhere, and the other runtimes, as two batched matmuls in "
-             "float on the grid's values (torchao 0.18's int8 SDPA op has no CPU kernel in its wheel).", ""]
+             "float on the grid's values (torchao 0.18's int8 SDPA op has no CPU kernel in its wheel). GroupNorm "
+             "under `compiled`: statistics by dq's channels-last kernel (dq/quant/groupnorm.py; cells measured before "
+             "`git log -1 dq/quant/groupnorm.py` ran inductor's own).", ""]
     order = [*CELLS, *sorted({c for cells in ledger["cells"].values() for c in cells} - set(CELLS))]
     for slug in sorted(ledger["cells"], key=lambda k: k != current):
         info, cells = ledger["machines"].get(slug, {}), ledger["cells"][slug]

@@ -1,0 +1,85 @@
+"""GroupNorm for channels-last activations in the compiled runtime: statistics by one C++ op, the normalisation
+left to inductor. Torch only.
+
+The integer kernels write channels-last tensors, and inductor's GroupNorm reduces each (sample, group) over its
+positions with the group's C/G channels in the vector lanes: 4 of 16 lanes for 32 channels in 8 groups (the
+digits UNet), 4 for 128 channels in 32 groups (ddpm_cifar10), each load masked and strided. ``dq::gn_stats`` sums
+per channel instead, the channels in the lanes, then per group: the same two passes (the mean, then Σ(x − mean)²),
+and it returns per sample and channel the group's mean and w / sqrt(var + eps), so that the normalisation
+(x − mean)·scale + b stays elementwise and inductor fuses it with what follows (SiLU, the next layer's
+quantization) into one pass. Written by hand because inductor generates the masked form (docs/design.md: other
+formulations in torch ops fused worse). Built like dq.quant.qattention (inductor's C++ toolchain, on first use).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SOURCE = (Path(__file__).parent / "groupnorm.cpp").read_text()
+ARGS = ["void*", "const float*", "float*", "float*"] + ["int64_t"] * 5 + ["float", "int64_t"]
+_KERNEL: list[Any] = []
+
+_LIB = torch.library.Library("dq", "FRAGMENT")
+_LIB.define("gn_stats(Tensor x, Tensor weight, int groups, float eps) -> (Tensor, Tensor)")
+
+
+def channels_last(x: Tensor) -> bool:
+    """Whether x [N, C, *positions] has its channels at stride 1 and its positions at stride C, in order (each sample
+    a contiguous [positions, C] block): the layout ``dq::gn_stats`` reads."""
+    return x.dim() >= 3 and x.movedim(1, -1)[0].is_contiguous()
+
+
+def _gn_stats(x: Tensor, weight: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    n, c = x.shape[:2]
+    if x.dtype not in (torch.float32, torch.bfloat16) or not channels_last(x) or c % groups:
+        raise ValueError(f"gn_stats: x {tuple(x.shape)} {x.dtype} must be float32 or bfloat16, channels-last, "
+                         f"its {c} channels a multiple of groups={groups}")
+    if not _KERNEL:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache  # heavy: on first use
+        _KERNEL.append(CppPythonBindingsCodeCache.load_pybinding(ARGS, SOURCE))
+    mean = x.new_empty((n, c), dtype=torch.float32)
+    scale = torch.empty_like(mean)
+    _KERNEL[0](x, weight.float().contiguous(), mean, scale, n, x.numel() // (n * c), c, groups, x.stride(0), eps,
+               int(x.dtype == torch.bfloat16))
+    return mean, scale
+
+
+@torch.library.register_fake("dq::gn_stats")
+def _(x, weight, groups, eps):
+    return x.new_empty(x.shape[:2], dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.float32)
+
+
+_LIB.impl("gn_stats", _gn_stats, "CPU")
+gn_stats = torch.ops.dq.gn_stats.default
+
+
+class ChannelsLastGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same function to float rounding) whose statistics come from ``dq::gn_stats``
+    where the input is channels-last float32 / bfloat16 and no gradient is needed; F.group_norm otherwise."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.bfloat16) or not channels_last(x):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        weight = self.weight if self.affine else torch.ones(x.shape[1])
+        mean, scale = gn_stats(x, weight, self.num_groups, self.eps)
+        shape = (*x.shape[:2], *[1] * (x.dim() - 2))
+        y = (x.float() - mean.view(shape)) * scale.view(shape)
+        return (y if not self.affine else y + self.bias.view(1, -1, *[1] * (x.dim() - 2))).to(x.dtype)
+
+
+def use_channels_last_groupnorm(model: nn.Module) -> int:
+    """Swap every nn.GroupNorm of ``model`` for a ChannelsLastGroupNorm holding the same parameters (in place);
+    returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.GroupNorm:
+                new = ChannelsLastGroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)
+                new.weight, new.bias = child.weight, child.bias
+                setattr(parent, name, new)
+                swapped += 1
+    return swapped
