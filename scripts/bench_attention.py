@@ -63,7 +63,7 @@ def main() -> int:
     from torch._inductor.codecache import CppPythonBindingsCodeCache  # heavy: after the arguments are checked
     rows = {"dq kernel": runner(kernel, amx)}
     if a.against:
-        rows[f"dq kernel @ {a.against}"] = runner(CppPythonBindingsCodeCache.load_pybinding(qa.ARGS, source_at(a.against)), amx)
+        rows[f"dq kernel @ {a.against}"] = runner(CppPythonBindingsCodeCache.load_pybinding(list(qa.ARGS), source_at(a.against)), amx)
     info = cpu_info()
     print(f"## dq::qattention on {info['model']} ({', '.join(info['flags'])}), {a.threads} threads, {'AMX tiles' if amx else 'float loops'}\n")
     head = list(rows) + ["SDPA bf16"]

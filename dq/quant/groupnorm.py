@@ -8,20 +8,17 @@ per channel instead, the channels in the lanes, then per group: the same two pas
 and it returns per sample and channel the group's mean and w / sqrt(var + eps), so that the normalisation
 (x − mean)·scale + b stays elementwise and inductor fuses it with what follows (SiLU, the next layer's
 quantization) into one pass. Written by hand because inductor generates the masked form (docs/design.md: other
-formulations in torch ops fused worse). Built like dq.quant.qattention (inductor's C++ toolchain, on first use).
+formulations in torch ops fused worse). Built by dq.quant.cpp_kernel, on first use.
 """
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SOURCE = (Path(__file__).parent / "groupnorm.cpp").read_text()
-ARGS = ["void*", "const float*", "float*", "float*"] + ["int64_t"] * 5 + ["float", "int64_t"]
-_KERNEL: list[Any] = []
+from dq.quant import cpp_kernel
+
+ARGS = ("void*", "const float*", "float*", "float*") + ("int64_t",) * 5 + ("float", "int64_t")
 
 # Where the kernel pays (AMX Xeon, AVX-512, 2 threads; GroupNorm + SiLU + 4-bit codes compiled, alone): groups of
 # fewer channels than a vector's 16 lanes, which inductor's loads only partly fill ([250, 32, 16, 16] in 8 groups
@@ -46,13 +43,11 @@ def _gn_stats(x: Tensor, weight: Tensor, groups: int, eps: float) -> tuple[Tenso
     if x.dtype not in (torch.float32, torch.bfloat16) or not channels_last(x) or c % groups:
         raise ValueError(f"gn_stats: x {tuple(x.shape)} {x.dtype} must be float32 or bfloat16, channels-last, "
                          f"its {c} channels a multiple of groups={groups}")
-    if not _KERNEL:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache  # heavy: on first use
-        _KERNEL.append(CppPythonBindingsCodeCache.load_pybinding(ARGS, SOURCE))
     mean = x.new_empty((n, c), dtype=torch.float32)
     scale = torch.empty_like(mean)
-    _KERNEL[0](x, weight.float().contiguous(), mean, scale, n, x.numel() // (n * c), c, groups, x.stride(0), eps,
-               int(x.dtype == torch.bfloat16))
+    kernel = cpp_kernel.load("groupnorm", ARGS)
+    kernel(x, weight.float().contiguous(), mean, scale, n, x.numel() // (n * c), c, groups, x.stride(0), eps,
+           int(x.dtype == torch.bfloat16))
     return mean, scale
 
 

@@ -12,35 +12,32 @@ because no library does it: torch's SDPA cannot quantize P between the softmax a
 SDPA op has no CPU kernel in its wheel, and inductor does not fuse the matmuls with the softmax (tried: 10.1 vs
 3.4 ms, docs/design.md).
 
-The kernel is compiled by inductor's C++ toolchain (the compiler ``runtime=compiled`` already needs, with the
-flags of the CPU's vector ISA; its on-disk cache keeps the build), through ``CppPythonBindingsCodeCache`` — a
-torch-internal API, fine while torch is pinned to one version. It is a torch op (``dq::qattention``) with a
-shape function, so a compiled graph calls it as it is. Inference only, no mask.
+The kernel (dq/quant/qattention.cpp) is built by inductor's C++ toolchain through dq.quant.cpp_kernel. It is a
+torch op (``dq::qattention``) with a shape function, so a compiled graph calls it as it is. Inference only, no mask.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from dq.quant import cpp_kernel
 from dq.quant.fake_quant import qmax_of
 
-SOURCE = (Path(__file__).parent / "qattention.cpp").read_text()  # the kernel, C++
-ARGS = ["const at::BFloat16*"] * 3 + ["const float*"] * 4 + ["void*"] + ["int64_t"] * 6 + ["float"] + ["int64_t"] * 2
-_KERNEL: list[Any] = []  # (the loaded kernel, whether it was built with the tile unit), once per process
+ARGS = (("const at::BFloat16*",) * 3 + ("const float*",) * 4 + ("void*",) + ("int64_t",) * 6 + ("float",)
+        + ("int64_t",) * 2)
 AMX: bool | None = None  # None: the tile unit where the CPU has it (tests set False to run the float loops)
 
 
+@functools.cache
 def _kernel() -> tuple[Any, bool]:
-    if not _KERNEL:
-        # inductor's import is heavy: on first use
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-        from torch._inductor.cpu_vec_isa import VecAMX, pick_vec_isa
-        # VecAMX: the build gets the tile flags and this process was granted the tiles (torch._C._cpu._init_amx)
-        _KERNEL.extend([CppPythonBindingsCodeCache.load_pybinding(ARGS, SOURCE), isinstance(pick_vec_isa(), VecAMX)])
-    return _KERNEL[0], _KERNEL[1]
+    """(the loaded kernel, whether it was built with the tile unit), once per process."""
+    from torch._inductor.cpu_vec_isa import VecAMX, pick_vec_isa  # heavy: on first use
+
+    # VecAMX: the build gets the tile flags and this process was granted the tiles (torch._C._cpu._init_amx)
+    return cpp_kernel.load("qattention", ARGS), isinstance(pick_vec_isa(), VecAMX)
 
 
 def has_amx() -> bool:
