@@ -111,6 +111,9 @@ def check(cfg: DictConfig) -> None:
     fast = cfg.get("task", {}).get("student_runtime", "reference")
     if fast not in RUNTIMES:
         raise choice_error("task.student_runtime", fast, RUNTIMES)
+    if fast == "reference" and cfg.get("task", {}).get("compare_reference", False):
+        raise DQError("task.compare_reference=true compares the student's export with the fake-quant student: name "
+                      "the export's runtime too, e.g. task.student_runtime=auto")
     for group in [*(g for g in GROUPS if g != "paths"), "method", "task"]:  # paths resolve only under hydra
         if group in cfg and OmegaConf.get_type(cfg, group) not in (dict, None):
             typed(cfg, group)

@@ -12,6 +12,8 @@ Third-party output, cause by cause:
   banner out of offline runs.
 - Lightning's ModelCheckpoint warns about manual optimisation on every save; dq saves its own
   ``last.ckpt`` (dq.distill.callbacks.PeriodicCheckpoint), so that callback is not used at all.
+- torch.compile tracing diffusers' Upsample2D (``runtime=compiled``) warns that it skips an ``lru_cache`` around
+  a torch-version check: harmless there, not dq's to change, so exactly that UserWarning is filtered.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def configure() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function")
     os.environ.setdefault("WANDB_SILENT", "true")
 
 

@@ -87,3 +87,16 @@ def test_swap_keeps_the_parameters_and_the_function(monkeypatch):
         assert isinstance(model[1], ChannelsLastGroupNorm) and isinstance(model[2][0], ChannelsLastGroupNorm)
         assert model[1].weight is before[0] and model[1].bias is before[1]
         assert torch.allclose(model(x), want, atol=1e-4)
+
+
+def test_a_kernel_started_in_the_background_is_built_once_and_loaded_from_that_build():
+    from dq.quant import cpp_kernel
+
+    cpp_kernel.prebuild(gn.KERNEL)
+    build = cpp_kernel._BUILDS[gn.KERNEL]
+    cpp_kernel.prebuild(gn.KERNEL)  # again: no second build
+    assert cpp_kernel._BUILDS[gn.KERNEL] is build
+    assert cpp_kernel.load(*gn.KERNEL) is build.result()
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)  # and it is the kernel
+    mean, _ = gn_stats(x, torch.ones(16), 4, 1e-5)
+    assert torch.allclose(mean, x.reshape(2, 4, -1).mean(-1).repeat_interleave(4, 1), atol=1e-6)

@@ -114,23 +114,33 @@ def test_method_runs_a_tiny_job(method, cfg_factory, tmp_path):
 
 
 @pytest.mark.e2e
-def test_the_main_job_also_samples_the_students_export_on_a_fast_runtime(cfg_factory, tmp_path):
-    """task.student_runtime=int8: the saved student is exported and sampled beside the fake-quant one, same seeds."""
+def test_the_main_job_samples_the_students_export_on_a_fast_runtime_beside_the_reference(cfg_factory, tmp_path):
+    """task.student_runtime=int8: the student row is the saved student's export on the integer kernels;
+    task.compare_reference=true adds the fake-quant student on the same seeds."""
     from dq.quant.int8 import available
     from dq.tasks.quantize import run
 
     if not available():
         pytest.skip("no oneDNN int8 ops in this torch build")
     cfg = cfg_factory(*TINY[:-1], "method=dilatequant", "task.num_samples=8", "task.floor=false",
-                      "task.student_runtime=int8")
+                      "task.student_runtime=int8", "task.compare_reference=true")
     run(cfg)
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
-    assert {"fp", "student", "student_int8"} <= set(rows)
+    assert list(rows) == ["fp", "student", "student_reference"] and results["student_runtime"] == "int8"
     assert (tmp_path / "export" / "quantization_config.json").is_file()
-    assert "sampling_student_int8" in results["timings"]
+    assert {"sampling_student", "sampling_student_reference"} <= set(results["timings"])
+    assert (tmp_path / "samples_teacher_vs_student.png").is_file()
     # the same integers on both paths, up to float rounding: near-identical scores on the same seeds
-    assert abs(rows["student_int8"]["fid"] - rows["student"]["fid"]) <= 0.1 * max(1.0, rows["student"]["fid"])
+    assert abs(rows["student"]["fid"] - rows["student_reference"]["fid"]) <= 0.1 * max(1.0, rows["student"]["fid"])
+
+
+def test_compare_reference_needs_a_runtime_to_compare(cfg_factory):
+    from dq.config import check
+    from dq.errors import DQError
+
+    with pytest.raises(DQError, match="task.compare_reference=true .* task.student_runtime=auto"):
+        check(cfg_factory("task.compare_reference=true"))
 
 
 def test_a_bad_student_runtime_fails_before_any_work(cfg_factory):

@@ -26,6 +26,13 @@ def _ints(g, shape, bits, h):
     return k.bfloat16(), torch.rand(h, generator=g) / 4 + 0.05
 
 
+def test_the_runtime_expects_the_tiles_exactly_where_the_kernel_gets_them(monkeypatch):
+    """export.use_runtime routes wide heads by tiles_expected() before the kernel is built; the build agrees."""
+    assert qk.tiles_expected() == qk.has_amx()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # a narrowed pick: no promise of tiles
+    assert not qk.tiles_expected()
+
+
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("n,s,dk,dv", [(5, 37, 12, 20), (64, 64, 16, 16), (3, 5, 7, 33), (17, 70, 40, 48)])
 def test_fused_kernel_matches_the_explicit_attention(monkeypatch, amx, n, s, dk, dv):

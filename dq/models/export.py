@@ -45,7 +45,7 @@ from dq.quant.compiled import compile_int8
 from dq.quant.fake_quant import DELTA_MIN, qmax_of
 from dq.quant.int8 import available as int8_available, to_int8
 from dq.quant.layers import iter_quant_layers
-from dq.quant.qattention import has_amx
+from dq.quant.qattention import tiles_expected
 
 FORMAT = "dq-export-v1"
 RUNTIMES = ("auto", "reference", "int8", "compiled")
@@ -177,7 +177,7 @@ def use_runtime(model: torch.nn.Module, runtime: str) -> None:
         layer.weight_quant.enabled = True  # the int8 layers read the integers from the fake quantizer
     to_int8(model)
     if runtime == "compiled":
-        wide = has_amx()  # attention through one fused kernel (same C++ toolchain): narrow heads, any on the tiles
+        wide = tiles_expected()  # attention through one fused kernel (same C++ toolchain): narrow heads, any on the tiles
         for m in model.modules():
             if isinstance(m, QuantAttnProcessor):
                 m.fused, m.wide = True, wide

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dq.quant import cpp_kernel, groupnorm, qattention
 from dq.quant.groupnorm import use_channels_last_groupnorm
 from dq.quant.int8 import Int8Layer, _Int8Base
 from dq.quant.knots import KnotActQuantizer, hat_weights
@@ -128,6 +129,7 @@ def compile_int8(model: nn.Module, dtype: torch.dtype = torch.float32) -> Compil
         if isinstance(m, Int8Layer) and m.lowrank:  # the float branch's weights in that dtype once, not per call
             m.down, m.up = m.down.to(dtype), m.up.to(dtype)
     use_channels_last_groupnorm(model)  # the integer kernels write channels-last: GroupNorm statistics for that layout
+    cpp_kernel.prebuild(qattention.KERNEL, groupnorm.KERNEL)  # while the first call traces the graph
     fwd = CompiledForward(model, model.forward, dtype)
     model.forward = fwd
     return fwd

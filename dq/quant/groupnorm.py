@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from dq.quant import cpp_kernel
 
 ARGS = ("void*", "const float*", "float*", "float*") + ("int64_t",) * 5 + ("float", "int64_t")
+KERNEL = ("groupnorm", ARGS)
 
 # Where the kernel pays (AMX Xeon, AVX-512, 2 threads; GroupNorm + SiLU + 4-bit codes compiled, alone): groups of
 # fewer channels than a vector's 16 lanes, which inductor's loads only partly fill ([250, 32, 16, 16] in 8 groups
@@ -45,7 +46,7 @@ def _gn_stats(x: Tensor, weight: Tensor, groups: int, eps: float) -> tuple[Tenso
                          f"its {c} channels a multiple of groups={groups}")
     mean = x.new_empty((n, c), dtype=torch.float32)
     scale = torch.empty_like(mean)
-    kernel = cpp_kernel.load("groupnorm", ARGS)
+    kernel = cpp_kernel.load(*KERNEL)
     kernel(x, weight.float().contiguous(), mean, scale, n, x.numel() // (n * c), c, groups, x.stride(0), eps,
            int(x.dtype == torch.bfloat16))
     return mean, scale

@@ -18,6 +18,8 @@ torch op (``dq::qattention``) with a shape function, so a compiled graph calls i
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Any
 
 import torch
@@ -26,8 +28,11 @@ from torch import Tensor
 from dq.quant import cpp_kernel
 from dq.quant.fake_quant import qmax_of
 
+log = logging.getLogger(__name__)
+
 ARGS = (("const at::BFloat16*",) * 3 + ("const float*",) * 4 + ("void*",) + ("int64_t",) * 6 + ("float",)
         + ("int64_t",) * 2)
+KERNEL = ("qattention", ARGS)
 AMX: bool | None = None  # None: the tile unit where the CPU has it (tests set False to run the float loops)
 
 
@@ -37,12 +42,22 @@ def _kernel() -> tuple[Any, bool]:
     from torch._inductor.cpu_vec_isa import VecAMX, pick_vec_isa  # heavy: on first use
 
     # VecAMX: the build gets the tile flags and this process was granted the tiles (torch._C._cpu._init_amx)
-    return cpp_kernel.load("qattention", ARGS), isinstance(pick_vec_isa(), VecAMX)
+    fn, amx = cpp_kernel.load(*KERNEL), isinstance(pick_vec_isa(), VecAMX)
+    if tiles_expected() and not amx:
+        log.warning("the CPU has AMX tiles but inductor's toolchain built dq's attention kernel without them "
+                    "(an older compiler?): heads of 32 and wider run on its float loops, slower")
+    return fn, amx
 
 
 def has_amx() -> bool:
-    """Whether the kernel runs its products on the CPU's bfloat16 tiles (AMX) here."""
+    """Whether the kernel runs its products on the CPU's bfloat16 tiles (AMX) here (builds it)."""
     return _kernel()[1]
+
+
+def tiles_expected() -> bool:
+    """Whether the kernel will run on the AMX tiles here, without waiting for its build: the CPU has the tiles and
+    ATEN_CPU_CAPABILITY does not narrow inductor's pick of the vector ISA (:func:`has_amx` says for sure)."""
+    return torch.cpu._is_amx_tile_supported() and not os.environ.get("ATEN_CPU_CAPABILITY")
 
 
 _LIB = torch.library.Library("dq", "FRAGMENT")

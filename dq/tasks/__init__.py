@@ -16,7 +16,10 @@ class QuantizeTask:
     batch_size: int = 250
     floor: bool = True
     compare_fp: bool = True    # also sample the FP teacher (false: student only, e.g. benchmark cells)
-    student_runtime: str = "reference"  # also sample the student's export on this runtime (auto | int8 | compiled)
+    # what samples the student row: reference (the fake-quant student as trained, the papers' protocol) or its
+    # export on auto | int8 | compiled (CPU jobs); compare_reference: then also sample the fake-quant student
+    student_runtime: str = "reference"
+    compare_reference: bool = False
     grid: int = 64
     guidance_scale: float = 1.0  # classifier-free guidance when sampling (conf: ${calib.guidance_scale})
     resume: Optional[str] = None  # a checkpoints/last.ckpt of an interrupted run

@@ -142,17 +142,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 models = {"student": student.model}
             if student.model is not None:  # Lightning hands the trained student back on the CPU
                 student.model.to(teacher.device)
+                results["student_runtime"] = "reference"
                 if cfg.task.student_runtime != "reference":
                     with phases("export"):
-                        name, fast = fast_student(out, str(cfg.task.student_runtime), teacher.device)
-                    models[name] = fast
+                        results["student_runtime"], fast = fast_student(out, str(cfg.task.student_runtime),
+                                                                        teacher.device)
+                    models["student"] = fast
+                    if cfg.task.compare_reference:
+                        models["student_reference"] = student.model
             with phases("evaluation"):
                 ev = evaluate_models(p, teacher, models, out, prompts=prompt_of(teacher, torch.arange(p.num_samples)))
             print(format_table(ev["rows"]))
-            if len(models) == 2:
+            if {"fp", "student"} <= set(models):
                 side_by_side_png([out / "samples_fp.png", out / "samples_student.png"],
                                  out / "samples_teacher_vs_student.png",
-                                 labels=["FP teacher", f"student {results['bits']} {method.name}"],
+                                 labels=["FP teacher", f"student {results['bits']} {method.name}"
+                                         + ("" if results.get("student_runtime") == "reference"
+                                            else f" ({results['student_runtime']} runtime)")],
                                  title=f"{teacher.name}, {p.sampler.name} {p.sampler.steps} steps, seed {p.seed}")
             results.update({**ev, "notes": results["notes"] + ev["notes"]})
             timings.update({f"sampling_{r['name']}": r["sample_seconds"] for r in ev["rows"] if "sample_seconds" in r})
@@ -171,13 +177,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def fast_student(out: Path, runtime: str, device: torch.device) -> tuple[str, torch.nn.Module]:
-    """(``student_<runtime>``, the denoiser of the saved student's export on ``runtime``), sampled beside the
-    fake-quant student with the same seeds: the speed and quality a deployment of it gets."""
+    """(the runtime ``runtime`` resolved to, the denoiser of the saved student's export on it): the student row
+    sampled as a deployment runs it, with the seeds the fake-quant student would get."""
     if device.type != "cpu":
         raise DQError(f"task.student_runtime={runtime}: the integer runtimes run on the CPU and this job samples "
                       f"on {device}; use task.student_runtime=reference (eval.py ckpt_path=<export> on a CPU)")
     fast, qc = load_export(export_from_checkpoint(out / STUDENT_FILE, out / "export"), runtime)
-    return f"student_{qc['runtime']}", fast.denoiser
+    return qc["runtime"], fast.denoiser
 
 
 def log_eval(logger: Any, ev: dict[str, Any], out: Path, student: Student) -> None:
