@@ -9,6 +9,7 @@ used. Written to docs/runtime.md.
     python scripts/bench_runtime.py --cells digits:250     # one cell
     python scripts/bench_runtime.py --fid outputs/.../student.safetensors   # FID of each runtime, 1,000 images
     python scripts/bench_runtime.py --cells digits:250 --profile           # where a call's time goes, by kind of work
+    python scripts/bench_runtime.py --cells digits:250 --ab groupnorm      # what one feature of `compiled` is worth
 
 Cells are resumable: each runs in its own process and writes benchmarks/runtime/<cpu>/<arch>_b<batch>.json;
 a cell already there is kept (--force measures it again), so an interrupted run continues where it stopped.
@@ -22,6 +23,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dq import allocator
+from dq import allocator, console
 from dq.errors import DQError, run_script
 from dq.machine import code_version, cpu as cpu_info, onednn_isa, slug as cpu_slug
 from dq.models.conditioning import cond_fn_for
@@ -40,7 +42,9 @@ from dq.models.load import DiffusionModel, ModelConfig, build_arch, load_model
 from dq.models.sampling import SamplerConfig, sampler_timesteps
 from dq.methods.dilatequant import BRANCH
 from dq.models.student import calibrate, prepare, shortcut_branch, weight_dilation
+from dq.models.attention import QuantAttnProcessor
 from dq.quant.config import LowRank, QuantConfig
+from dq.quant.groupnorm import ChannelsLastGroupNorm
 from dq.quant.lowrank import svd_init
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,7 +350,7 @@ KINDS = (("graph_", "group_norm", "fused kernels with a GroupNorm (norm, SiLU, q
          ("onednn::qconv", "", "int8 convolutions (oneDNN)"), ("onednn::qlinear", "", "int8 matmuls (oneDNN)"),
          ("aten::mkldnn_convolution", "", "float / bf16 convolutions (oneDNN)"),
          ("aten::_scaled_dot_product", "", "fused attention (SDPA)"), ("aten::bmm", "", "attention matmuls (bmm)"),
-         ("dq::qattention", "", "fused quantized attention (dq)"),
+         ("dq::qattention", "", "fused quantized attention (dq)"), ("dq::gn_stats", "", "GroupNorm statistics (dq)"),
          ("aten::addmm", "", "float matmuls"), ("aten::mm", "", "float matmuls"))
 
 
@@ -385,6 +389,82 @@ def profile_rows(cell: str, names: list[str], calls: int = 3) -> str:
     return "\n".join(out)
 
 
+# A/B of one feature of runtime=compiled: the W4A4 student loaded twice, the feature on in one copy and off in the
+# other, both compiled and measured interleaved in one process, paired per round; once with each copy loaded first,
+# each order in its own process (a second compiled copy in a process runs a few % slower: docs/design.md).
+FEATURES = {"groupnorm": "GroupNorm statistics by dq::gn_stats (off: inductor's own GroupNorm)",
+            "attention": "attention through dq's fused kernel (off: the batched matmuls)",
+            "wide-heads": "heads of 32 and wider through the fused kernel too (off: the narrower ones only)"}
+ORDERS = (("on", "off"), ("off", "on"))
+
+
+def feature_off(model: torch.nn.Module, feature: str) -> int:
+    """Turn ``feature`` off in a student loaded on runtime=compiled, before its first call; how many modules."""
+    changed = 0
+    for m in model.modules():
+        if feature == "groupnorm" and isinstance(m, ChannelsLastGroupNorm):
+            m.__class__ = torch.nn.GroupNorm  # the same parameters; the compiled graph traces torch's GroupNorm
+        elif feature == "attention" and isinstance(m, QuantAttnProcessor) and m.fused:
+            m.fused = False
+        elif feature == "wide-heads" and isinstance(m, QuantAttnProcessor) and m.wide:
+            m.wide = False
+        else:
+            continue
+        changed += 1
+    return changed
+
+
+def run_ab(cell: str, feature: str, order: tuple[str, str], repeats: int, out: Path) -> None:
+    """One order of an A/B (see FEATURES) in this process; writes its JSON."""
+    arch, batch = cell.split(":")
+    teacher = teacher_of(arch)
+    x, t, cond = example(teacher, int(batch))
+    args = (x, t) if cond is None else (x, t, cond)
+    times: dict[str, list[float]] = {arm: [] for arm in order}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        folder = student(teacher, BITS["W4A4"], Path(tmp) / "W4A4")
+        arms, changed = {}, 0
+        for arm in order:
+            model = load_export(folder, "compiled")[0]
+            if arm == "off":
+                changed = feature_off(model.denoiser, feature)
+            arms[arm] = _Call(model).eval()
+            arms[arm](*args)  # compile
+        if not changed:
+            raise DQError(f"--ab {feature}: the {arch} student has no module it applies to")
+        for _ in range(repeats):
+            for arm, f in arms.items():
+                t0 = time.perf_counter()
+                f(*args)
+                times[arm].append((time.perf_counter() - t0) * 1e3)
+    paired = statistics.median(off / on for on, off in zip(times["on"], times["off"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cell": cell, "feature": feature, "order": list(order), "modules": changed,
+                               "rounds_ms": times, "ms": {k: statistics.median(v) for k, v in times.items()},
+                               "paired_off_over_on": paired, "threads": torch.get_num_threads(),
+                               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version()}, indent=1))
+
+
+def ab_table(records: list[dict], info: dict) -> str:
+    """Markdown: per cell, each order's medians and paired ratio (off / on: above 1, the feature pays), and the
+    geometric mean of the two orders, which cancels the load-order effect to first order."""
+    feature = records[0]["feature"]
+    lines = [f"## A/B: {FEATURES[feature]}", "", f"{info['model']}, {records[0]['threads']} threads, dq "
+             f"{_code(records[0])}, W4A4 compiled, {len(records[0]['rounds_ms']['on'])} rounds per order; "
+             "paired: median over rounds of off / on (above 1: the feature makes the call faster).", "",
+             "| cell | on first: on / off ms, paired | off first: on / off ms, paired | both orders |",
+             "|---|---|---|---|"]
+    cells = dict.fromkeys(r["cell"] for r in records)
+    for cell in cells:
+        by = {tuple(r["order"]): r for r in records if r["cell"] == cell}
+        cols = [f"{r['ms']['on']:.1f} / {r['ms']['off']:.1f}, {r['paired_off_over_on']:.3f}" if r else "–"
+                for r in (by.get(o) for o in ORDERS)]
+        both = [r["paired_off_over_on"] for r in by.values()]
+        mean = f"**{math.prod(both) ** (1 / len(both)):.3f}**" if len(both) == 2 else "–"
+        lines.append(f"| {cell} | {cols[0]} | {cols[1]} | {mean} |")
+    return "\n".join(lines + [""])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", nargs="+", default=list(CELLS), help=f"arch:batch, default {' '.join(CELLS)}")
@@ -399,8 +479,13 @@ def main() -> int:
     ap.add_argument("--profile", nargs="*", metavar="ROW", default=None,
                     help="where the time goes: profile these rows of the first --cells cell (default: the two peers "
                          "and dq W4A4 compiled) and print ms per call by kind of work; measures nothing else")
+    ap.add_argument("--ab", choices=sorted(FEATURES), default=None,
+                    help="what one feature of runtime=compiled is worth on each --cells cell: the W4A4 student with "
+                         "it on and off, paired per round, in both load orders; prints a table, measures nothing else")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: measure one cell in this process
+    ap.add_argument("--ab-order", choices=["on,off", "off,on"], help=argparse.SUPPRESS)  # internal: one A/B order
     a = ap.parse_args()
+    console.configure()  # what third-party libraries may print (dynamo's warnings while compiling a row)
     torch.set_num_threads(a.threads)
     # every row alike: freed memory is reused instead of page-faulted in afresh. Without it a row's time
     # depended on the heap's history (bf16 + compile on digits b250: 74 ms alone in a process, 56 ms as one row
@@ -408,6 +493,10 @@ def main() -> int:
     allocator.tune()
     info = cpu_info()
     folder = a.results / cpu_slug(info)
+    if a.cell and a.ab:
+        order = tuple(a.ab_order.split(","))
+        run_ab(a.cell, a.ab, order, a.repeats, folder / "ab" / f"{a.ab}_{a.cell.replace(':', '_b')}_{order[0]}_first.json")
+        return 0
     if a.cell:
         run_cell(a.cell, a.repeats, folder / f"{a.cell.replace(':', '_b')}.json")
         return 0
@@ -418,6 +507,20 @@ def main() -> int:
         arch, _, batch = cell.partition(":")
         if arch not in ("digits", *CELLS_ARCHS) or not batch.isdigit():
             raise DQError(f"--cells {cell!r}: expected arch:batch with arch one of digits, {', '.join(CELLS_ARCHS)}")
+    if a.ab:
+        records = []
+        for cell in a.cells:
+            for order in ORDERS:
+                out = folder / "ab" / f"{a.ab}_{cell.replace(':', '_b')}_{order[0]}_first.json"
+                cmd = [sys.executable, __file__, "--cell", cell, "--ab", a.ab, "--ab-order", ",".join(order),
+                       "--threads", str(a.threads), "--repeats", str(a.repeats), "--results", str(a.results)]
+                if subprocess.run(cmd).returncode != 0:
+                    print(f"{cell} ({order[0]} first): failed (see above); the others go on", file=sys.stderr)
+                elif out.is_file():
+                    records.append(json.loads(out.read_text()))
+        if records:
+            print(ab_table(records, info))
+        return 0 if records else 1
     folder.mkdir(parents=True, exist_ok=True)
     info_file = folder / "machine.json"
     if a.force or not info_file.exists():

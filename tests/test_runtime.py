@@ -275,3 +275,34 @@ def test_wide_integer_weights_run_as_two_exact_int8_halves():
     assert not halved and torch.equal(w8.long(), small)
     with pytest.raises(ValueError, match="up to ±2040 do not fit two int8 halves"):
         int8_weight(torch.tensor([[2040, 0]]))
+
+
+def test_bench_runtime_ab_turns_one_feature_off_and_pairs_both_load_orders(exported):
+    """--ab: the 'off' copy differs from the 'on' one in exactly the feature's modules; the table gives each order's
+    paired ratio and their geometric mean (the load-order effect cancels to first order)."""
+    import importlib.util
+    from pathlib import Path
+    from dq.models.attention import QuantAttnProcessor
+    from dq.models.export import can_compile
+    from dq.quant.groupnorm import ChannelsLastGroupNorm
+
+    if not (available() and can_compile()):
+        pytest.skip("runtime=compiled needs oneDNN int8 ops and a C++ compiler")
+    spec = importlib.util.spec_from_file_location(
+        "bench_runtime", Path(__file__).resolve().parents[1] / "scripts" / "bench_runtime.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = load_export(exported[1], "compiled")[0].denoiser  # not called: nothing compiles
+    norms = [m for m in model.modules() if isinstance(m, ChannelsLastGroupNorm)]
+    fused = [m for m in model.modules() if isinstance(m, QuantAttnProcessor) and m.fused]
+    assert norms and fused
+    assert bench.feature_off(model, "groupnorm") == len(norms)
+    assert all(type(m) is torch.nn.GroupNorm for m in norms)
+    assert bench.feature_off(model, "attention") == len(fused) and not any(m.fused for m in fused)
+    assert bench.feature_off(model, "groupnorm") == 0  # nothing left to turn off
+    rec = {"cell": "digits:250", "feature": "groupnorm", "threads": 2, "code": {},
+           "rounds_ms": {"on": [1.0] * 3, "off": [1.0] * 3}}
+    table = bench.ab_table([{**rec, "order": ["on", "off"], "ms": {"on": 10.0, "off": 11.0}, "paired_off_over_on": 1.1},
+                            {**rec, "order": ["off", "on"], "ms": {"on": 10.0, "off": 10.0}, "paired_off_over_on": 1.0}],
+                           {"model": "CPU"})
+    assert "| digits:250 | 10.0 / 11.0, 1.100 | 10.0 / 10.0, 1.000 | **1.049** |" in table
