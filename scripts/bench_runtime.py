@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.models.activations import GELU
 
 from dq import allocator, console
 from dq.errors import DQError, run_script
@@ -394,7 +395,8 @@ def profile_rows(cell: str, names: list[str], calls: int = 3) -> str:
 # each order in its own process (a second compiled copy in a process runs a few % slower: docs/design.md).
 FEATURES = {"groupnorm": "GroupNorm statistics by dq::gn_stats (off: inductor's own GroupNorm)",
             "attention": "attention through dq's fused kernel (off: the batched matmuls)",
-            "wide-heads": "heads of 32 and wider through the fused kernel too (off: the narrower ones only)"}
+            "wide-heads": "heads of 32 and wider through the fused kernel too (off: the narrower ones only)",
+            "gelu": "an MLP's GELU as its int8 matmul's oneDNN post-op (off: inductor's GELU after the matmul)"}
 ORDERS = (("on", "off"), ("off", "on"))
 
 
@@ -408,6 +410,9 @@ def feature_off(model: torch.nn.Module, feature: str) -> int:
             m.fused = False
         elif feature == "wide-heads" and isinstance(m, QuantAttnProcessor) and m.wide:
             m.wide = False
+        elif feature == "gelu" and isinstance(m, GELU) and "gelu" in m.__dict__:
+            m.proj.fuse_post_op("none")
+            del m.gelu  # the module's own GELU again
         else:
             continue
         changed += 1

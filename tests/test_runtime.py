@@ -306,3 +306,47 @@ def test_bench_runtime_ab_turns_one_feature_off_and_pairs_both_load_orders(expor
                             {**rec, "order": ["off", "on"], "ms": {"on": 10.0, "off": 10.0}, "paired_off_over_on": 1.0}],
                            {"model": "CPU"})
     assert "| digits:250 | 10.0 / 11.0, 1.100 | 10.0 / 10.0, 1.000 | **1.049** |" in table
+
+
+@needs_int8
+def test_a_dit_mlps_gelu_runs_inside_its_int8_matmul(tmp_path):
+    """DiT's MLP (diffusers GELU: a projection, then tanh-GELU) on the int8 runtime: the projection's oneDNN matmul
+    applies the GELU to its float result; the module gives what the separate GELU gives, to float rounding."""
+    from diffusers.models.activations import GELU
+    from dq.models.export import fuse_gelu
+    from dq.quant.int8 import Int8Linear
+
+    from dq.models.conditioning import cond_fn_for
+    from dq.models.load import DiffusionModel
+    from dq.models.sampling import SamplerConfig, sampler_timesteps
+    from dq.models.student import calibrate, prepare, weight_dilation
+    from dq.quant.config import QuantConfig
+
+    model = build_arch("dit_tiny")
+    ts = tuple(sampler_timesteps(model, SamplerConfig(steps=4)))
+    qcfg = QuantConfig(w_bits=4, a_bits=4, timesteps=ts, tpq_knots=2)
+    s = prepare(copy.deepcopy(model.denoiser), qcfg)
+    labels = cond_fn_for(model, 0)(torch.arange(len(ts)))[0]
+    batch = [(torch.randn(len(ts), *model.sample_shape, generator=torch.Generator().manual_seed(0)), torch.tensor(ts),
+              labels)]
+    weight_dilation(s, batch)
+    calibrate(s, batch, "minmax")
+    meta = {"quant": json.loads(json.dumps(qcfg.__dict__, default=list)), "sampler": {"name": "ddim", "steps": 4},
+            "method": {"name": "test"}, "teacher": model.name}
+    folder = export_student(DiffusionModel(s, model.scheduler, "student"), meta, tmp_path / "exp")
+    fused = load_export(folder, "int8")[0].denoiser
+    plain = load_export(folder, "int8")[0].denoiser
+    gelus = [m for m in fused.modules() if isinstance(m, GELU)]
+    assert gelus and all(m.proj.post_op == "gelu_tanh" and m.approximate == "tanh" for m in gelus)
+    for m in plain.modules():  # undo the fusion: the projection writes y, the module's own GELU follows
+        if isinstance(m, GELU):
+            m.proj.fuse_post_op("none")
+            del m.gelu
+    assert fuse_gelu(fused) == len(gelus)  # idempotent: loading fused them already, fusing again keeps one GELU
+    for a, b in zip(gelus, [m for m in plain.modules() if isinstance(m, GELU)]):
+        inp = torch.randn(2, 5, a.proj.w8.shape[1], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad(), fused.dq_step_index.use(torch.tensor([1])), plain.dq_step_index.use(torch.tensor([1])):
+            got, want = a(inp), b(inp)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max()), (got - want).abs().max()
+    with pytest.raises(ValueError, match="post_op='relu6'"):
+        next(m for m in fused.modules() if isinstance(m, Int8Linear)).fuse_post_op("relu6")

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.models.activations import GELU
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -43,7 +44,7 @@ from dq.models.student import prepare
 from dq.quant.config import QuantConfig
 from dq.quant.compiled import compile_int8
 from dq.quant.fake_quant import DELTA_MIN, qmax_of
-from dq.quant.int8 import available as int8_available, to_int8
+from dq.quant.int8 import Int8Linear, available as int8_available, to_int8
 from dq.quant.layers import iter_quant_layers
 from dq.quant.qattention import tiles_expected
 
@@ -176,12 +177,31 @@ def use_runtime(model: torch.nn.Module, runtime: str) -> None:
     for _, layer in iter_quant_layers(model):
         layer.weight_quant.enabled = True  # the int8 layers read the integers from the fake quantizer
     to_int8(model)
+    fuse_gelu(model)
     if runtime == "compiled":
         wide = tiles_expected()  # attention through one fused kernel (same C++ toolchain): narrow heads, any on the tiles
         for m in model.modules():
             if isinstance(m, QuantAttnProcessor):
                 m.fused, m.wide = True, wide
         compile_int8(model, compiled_dtype())
+
+
+def _applied(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def fuse_gelu(model: torch.nn.Module) -> int:
+    """diffusers' GELU modules (a projection, then GELU: DiT's and PixArt's MLPs) whose projection runs as a plain
+    int8 linear: the GELU becomes that matmul's oneDNN post-op, applied to its float result (torch's own int8 flow
+    fuses it the same way), and the module only projects. A projection with halved weights, or a split or low-rank
+    one, keeps the separate GELU. Returns how many were fused."""
+    fused = 0
+    for m in model.modules():
+        if isinstance(m, GELU) and isinstance(m.proj, Int8Linear) and not m.proj.halved:
+            m.proj.fuse_post_op("gelu_tanh" if m.approximate == "tanh" else "gelu")
+            m.gelu = _applied  # shadows GELU.gelu on this instance: the projection applied it already
+            fused += 1
+    return fused
 
 
 def _check_tensors(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor],

@@ -55,7 +55,9 @@ _LIB = torch.library.Library("dq", "DEF")
 _LIB.define("qconv2d(Tensor xq, Tensor x_scale, Tensor x_zp, Tensor w8, Tensor w_scale, Tensor w_zp, Tensor? bias, "
             "int[] stride, int[] padding, int[] dilation, ScalarType out_dtype) -> Tensor")
 _LIB.define("qlinear(Tensor xq, Tensor x_scale, Tensor x_zp, Tensor w8, Tensor w_scale, Tensor w_zp, Tensor? bias, "
-            "ScalarType out_dtype) -> Tensor")
+            "ScalarType out_dtype, str post_op=\"none\") -> Tensor")
+# what oneDNN's matmul may apply to its float result before writing it: post_op → (its name, its algorithm)
+POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 
 def _packed(w8: Tensor, w_scale: Tensor, conv: Optional[tuple[list[int], list[int], list[int]]]) -> Tensor:
@@ -83,14 +85,18 @@ def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias, stride, padding, dilation, out
 
 
 def _qlinear(xq: Tensor, x_scale: Tensor, x_zp: Tensor, w8: Tensor, w_scale: Tensor, w_zp: Tensor,
-             bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    """[..., C_out] (``out_dtype``) = Δx·Δw·(xq − zx)·w8ᵀ + b; xq uint8 [..., C_in]."""
+             bias: Optional[Tensor], out_dtype: torch.dtype, post_op: str = "none") -> Tensor:
+    """[..., C_out] (``out_dtype``) = f(Δx·Δw·(xq − zx)·w8ᵀ + b), f the POST_OPS entry (identity for "none");
+    xq uint8 [..., C_in]."""
+    if post_op not in POST_OPS:
+        raise ValueError(f"qlinear post_op={post_op!r}: one of {', '.join(POST_OPS)}")
+    name, algorithm = POST_OPS[post_op]
     return torch.ops.onednn.qlinear_pointwise.tensor(xq, x_scale, x_zp, _packed(w8, w_scale, None), w_scale, w_zp,
-                                                     bias, 1.0, 0, out_dtype, "none", [], "")
+                                                     bias, 1.0, 0, out_dtype, name, [], algorithm)
 
 
 @torch.library.register_fake("dq::qlinear")
-def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias, out_dtype):
+def _(xq, x_scale, x_zp, w8, w_scale, w_zp, bias, out_dtype, post_op="none"):
     return xq.new_empty((*xq.shape[:-1], w8.shape[0]), dtype=out_dtype)
 
 
@@ -228,6 +234,16 @@ class Int8Linear(_Int8Base):
         super().__init__(layer, act, cols, bias)
         self.register_buffer("_wsum", self.w8.sum(1, dtype=torch.int64).float(), persistent=False)  # ΣW, exact
         _packed(self.w8, self.w_scale, None)  # at load, not at first call
+        self.post_op = "none"  # what the kernel applies to its result (fuse_post_op)
+
+    def fuse_post_op(self, post_op: str) -> None:
+        """Have the matmul apply ``post_op`` (a POST_OPS key) to its float result, e.g. the GELU that reads it:
+        one pass less over the output. Not for halved weights, whose two halves are summed after the kernel."""
+        if post_op not in POST_OPS:
+            raise ValueError(f"post_op={post_op!r}: one of {', '.join(POST_OPS)}")
+        if self.halved and post_op != "none":
+            raise ValueError("a halved int8 linear sums its two halves after the kernel: no post-op can run in it")
+        self.post_op = post_op
 
     def _run(self, x: Tensor, dx: Tensor, inv: Tensor, zp: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # row-major codes: oneDNN copies any other layout before its matmul
@@ -235,7 +251,8 @@ class Int8Linear(_Int8Base):
         xq = quantize_u8(x, inv, zp, self.act.bits)
         shift = dx * zp * self.w_scale * self._wsum  # Δx·Δw·zx·ΣW per output channel
         bias = -shift if self.bias is None else self.bias - shift
-        return self._join(qlinear(xq, dx, self._wzp[:1], self.w8, self.w_scale, self._wzp, bias, self.out_dtype), -1)
+        return self._join(qlinear(xq, dx, self._wzp[:1], self.w8, self.w_scale, self._wzp, bias, self.out_dtype,
+                                  self.post_op), -1)
 
 
 def _frozen_float(layer: QuantConv2d | QuantLinear) -> nn.Module:
