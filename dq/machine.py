@@ -22,7 +22,7 @@ FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"
 
 ISA_PROBE = """
 import torch
-from dq.quant.int8 import qconv2d, qlinear
+from dq.quant.onednn_ops import qconv2d, qlinear
 x = torch.randint(0, 16, (2, 64, 8, 8), dtype=torch.uint8)
 w = torch.randint(-8, 8, (64, 64, 3, 3), dtype=torch.int8)
 s, z = torch.tensor([0.1]), torch.tensor([3])
