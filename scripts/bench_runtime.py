@@ -355,6 +355,9 @@ KINDS = (("graph_", "group_norm", "fused kernels with a GroupNorm (norm, SiLU, q
          ("aten::addmm", "", "float matmuls"), ("aten::mm", "", "float matmuls"))
 
 
+TOP_KERNELS = 8
+
+
 def profile_rows(cell: str, names: list[str], calls: int = 3) -> str:
     """Markdown tables: per row of ``cell``, ms per call by kind of work (torch.profiler over ``calls`` calls)."""
     torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's kernels show up by name
@@ -384,6 +387,9 @@ def profile_rows(cell: str, names: list[str], calls: int = 3) -> str:
             out += [f"### {name}: {total:.1f} ms of self time per call", "", "| kind of work | ms per call | share |",
                     "|---|---|---|"]
             out += [f"| {k} | {v:.1f} | {100 * v / total:.0f} % |" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])]
+            top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:TOP_KERNELS]
+            out += ["", f"Its {TOP_KERNELS} heaviest kernels and ops:", "", "| ms per call | calls | name |", "|---|---|---|"]
+            out += [f"| {e.self_cpu_time_total / 1e3 / calls:.1f} | {e.count // calls} | `{e.key[:100]}` |" for e in top]
             out.append("")
             del f
             gc.collect()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from dq.quant.act_quantizer import TemporalActQuantizer
 from dq.quant.fake_quant import DELTA_MIN, qmax_of
 from dq.quant.layers import QuantConv2d, QuantLinear
-from dq.quant.onednn_ops import POST_OPS, _packed, qconv2d, qlinear  # qconv2d, qlinear: also dq.quant.int8's API
+from dq.quant.onednn_ops import POST_OPS, packed_weight, qconv2d, qlinear  # qconv2d, qlinear: also dq.quant.int8's API
 from dq.quant.split import SplitActQuantizer
 
 
@@ -43,8 +43,6 @@ def quantize_u8(x: Tensor, inv_delta: Tensor, zp: Tensor, bits: int) -> Tensor:
     """uint8 clamp(round(x · inv_delta) + zp, 0, 2^b − 1): the fake quantizer's integers. ``inv_delta``
     broadcasts against x (one value, or per channel with Weight Dilation's input scale folded in)."""
     return torch.clamp(torch.round(x * inv_delta) + zp, 0, qmax_of(bits)).to(torch.uint8)
-
-
 
 
 def int8_weight(w_int: Tensor) -> tuple[Tensor, bool]:
@@ -142,7 +140,7 @@ class Int8Conv2d(_Int8Base):
         halves = self.w8.float().chunk(2) if self.float_ints else None
         self.register_buffer("w_float", None if halves is None else 16 * halves[0] + halves[1], persistent=False)
         if not self.float_ints:
-            _packed(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
+            packed_weight(self.w8, self.w_scale, (self.stride, self.padding, self.dilation))  # at load, not at first call
 
     def _float_ints(self, xq: Tensor, dx: Tensor, zp: Tensor) -> Tensor:
         """Δx·Δw·conv(x_q − zx, W) + b with integer-valued float operands: exact sums in float32; in bfloat16 (the
@@ -174,7 +172,7 @@ class Int8Linear(_Int8Base):
                  bias: bool = True) -> None:
         super().__init__(layer, act, cols, bias)
         self.register_buffer("_wsum", self.w8.sum(1, dtype=torch.int64).float(), persistent=False)  # ΣW, exact
-        _packed(self.w8, self.w_scale, None)  # at load, not at first call
+        packed_weight(self.w8, self.w_scale, None)  # at load, not at first call
         self.post_op = "none"  # what the kernel applies to its result (fuse_post_op)
 
     def fuse_post_op(self, post_op: str) -> None:

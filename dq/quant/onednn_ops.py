@@ -22,7 +22,9 @@ _LIB.define("qlinear(Tensor xq, Tensor x_scale, Tensor x_zp, Tensor w8, Tensor w
 POST_OPS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
 
-def _packed(w8: Tensor, w_scale: Tensor, conv: Optional[tuple[list[int], list[int], list[int]]]) -> Tensor:
+def packed_weight(w8: Tensor, w_scale: Tensor, conv: Optional[tuple[list[int], list[int], list[int]]]) -> Tensor:
+    """oneDNN's packed layout of the int8 weight ``w8`` (a convolution's if ``conv`` = (stride, padding, dilation)),
+    made on the first call per weight tensor."""
     if w8 not in _PACKED:  # the layout with zero-point compensation serves every zx (0 included)
         _PACKED[w8] = (torch.ops.onednn.qlinear_prepack(w8, None) if conv is None else
                        torch.ops.onednn.qconv_prepack(w8, w_scale, 0.5, 1, *conv, 1, None))
@@ -33,7 +35,7 @@ def _qconv2d(xq: Tensor, x_scale: Tensor, x_zp: Tensor, w8: Tensor, w_scale: Ten
              bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
              out_dtype: torch.dtype) -> Tensor:
     """[N, C_out, H', W'] (channels-last, ``out_dtype``) = Δx·Δw·conv(xq − zx, w8) + b; xq uint8 [N, C_in, H, W]."""
-    w = _packed(w8, w_scale, (stride, padding, dilation))
+    w = packed_weight(w8, w_scale, (stride, padding, dilation))
     y = torch.ops.onednn.qconv_pointwise.tensor(xq, x_scale, x_zp, w, w_scale, w_zp, bias, stride, padding,
                                                 dilation, 1, 1.0, 0, out_dtype, "none", [], "")
     return y.contiguous(memory_format=torch.channels_last)
@@ -53,8 +55,9 @@ def _qlinear(xq: Tensor, x_scale: Tensor, x_zp: Tensor, w8: Tensor, w_scale: Ten
     if post_op not in POST_OPS:
         raise ValueError(f"qlinear post_op={post_op!r}: one of {', '.join(POST_OPS)}")
     name, algorithm = POST_OPS[post_op]
-    return torch.ops.onednn.qlinear_pointwise.tensor(xq, x_scale, x_zp, _packed(w8, w_scale, None), w_scale, w_zp,
-                                                     bias, 1.0, 0, out_dtype, name, [], algorithm)
+    w = packed_weight(w8, w_scale, None)
+    return torch.ops.onednn.qlinear_pointwise.tensor(xq, x_scale, x_zp, w, w_scale, w_zp, bias, 1.0, 0, out_dtype,
+                                                     name, [], algorithm)
 
 
 @torch.library.register_fake("dq::qlinear")
